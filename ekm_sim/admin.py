@@ -1,0 +1,191 @@
+"""Key management for the simulator (the XKS API has none): token set-up and key lifecycle.
+
+Keys are AES-256 secret keys in the token, ``CKA_SENSITIVE`` and not extractable. Every
+version of a key is its own token object with the key id as ``CKA_LABEL`` and the version as
+``CKA_ID``; usage is ``CKA_ENCRYPT``/``CKA_DECRYPT``, so the HSM itself refuses what a key may
+not do. Lifecycle state (enabled, versions) is in the registry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pkcs11 import Attribute, KeyType, ObjectClass
+
+from ekm_sim.config import HSMConfig
+from ekm_sim.keystore import key_version_id
+from ekm_sim.registry import KeyRecord, KeyRegistry, RegistryError
+from shared.pkcs11pool import PKCS11Pool, SessionContext
+
+__all__ = ["AdminError", "KeyAdmin", "KeyUsage", "init_token", "write_softhsm_conf"]
+
+_KEY_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+class AdminError(Exception):
+    """A management request cannot be carried out; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    encrypt: bool = True
+    decrypt: bool = True
+
+    def names(self) -> list[str]:
+        return [n for n, on in (("ENCRYPT", self.encrypt), ("DECRYPT", self.decrypt)) if on]
+
+
+def write_softhsm_conf(token_dir: Path, conf_path: Path) -> None:
+    """A SoftHSM2 configuration whose tokens live in ``token_dir``."""
+    token_dir.mkdir(parents=True, exist_ok=True)
+    conf_path.write_text(
+        f"directories.tokendir = {token_dir}\nobjectstore.backend = file\n"
+        "log.level = ERROR\nslots.removable = false\n"
+    )
+
+
+def init_token(hsm: HSMConfig) -> None:
+    """Initialise a token with the configured label and PINs, unless it exists already.
+
+    :raises AdminError: if softhsm2-util fails.
+    """
+    env = dict(os.environ)
+    if hsm.softhsm_conf is not None:
+        env["SOFTHSM2_CONF"] = str(hsm.softhsm_conf)
+    shown = subprocess.run(["softhsm2-util", "--show-slots"], env=env, capture_output=True,
+                           text=True, check=False)
+    if re.search(rf"^\s*Label:\s+{re.escape(hsm.token_label)}\s*$", shown.stdout, re.M):
+        return
+    if not hsm.so_pin or not hsm.user_pin:
+        raise AdminError("hsm.so_pin and hsm.user_pin are needed to initialise a token")
+    # softhsm2-util takes the PINs as arguments; this runs once, at set-up, on a dev token.
+    done = subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", hsm.token_label,
+         "--so-pin", hsm.so_pin, "--pin", hsm.user_pin],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    if done.returncode != 0:
+        raise AdminError(f"softhsm2-util --init-token failed: {done.stderr.strip()}")
+
+
+def _template(usage: KeyUsage) -> dict[Any, Any]:
+    return {
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.PRIVATE: True,
+        Attribute.ENCRYPT: usage.encrypt,
+        Attribute.DECRYPT: usage.decrypt,
+        Attribute.WRAP: False,
+        Attribute.UNWRAP: False,
+        Attribute.SIGN: False,
+        Attribute.VERIFY: False,
+        Attribute.DERIVE: False,
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class KeyAdmin:
+    """Create, rotate, enable, disable, delete and list keys in one token and registry."""
+
+    def __init__(self, pool: PKCS11Pool, registry: KeyRegistry) -> None:
+        self._pool = pool
+        self._registry = registry
+
+    async def _generate(self, key_id: str, version: int, usage: KeyUsage) -> None:
+        def generate(ctx: SessionContext) -> None:
+            ctx.session.generate_key(KeyType.AES, 256, label=key_id,
+                                     id=key_version_id(version), store=True,
+                                     template=_template(usage))
+
+        await self._pool.run(generate)
+
+    async def ensure_test_key(self, label: str) -> None:
+        """Create the health check's key (never listed, never in a store) if it is missing."""
+        def exists(ctx: SessionContext) -> bool:
+            return bool(list(ctx.session.get_objects({
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})))
+
+        if not await self._pool.run(exists):
+            await self._generate(label, 1, KeyUsage())
+
+    async def create(self, key_id: str, usage: KeyUsage, *, enabled: bool = True) -> KeyRecord:
+        """:raises AdminError: for a bad or taken key id."""
+        if not _KEY_ID.fullmatch(key_id):
+            raise AdminError("a key id is 1-128 characters of [A-Za-z0-9._-]")
+        if self._registry.get(key_id) is not None:
+            raise AdminError(f"key {key_id!r} exists already")
+        await self._generate(key_id, 1, usage)
+        record = KeyRecord(key_id=key_id, enabled=enabled, versions=(1,), created=_now())
+        with self._registry.edit() as records:
+            records[key_id] = record
+        return record
+
+    async def usage(self, key_id: str, version: int) -> KeyUsage:
+        def read(ctx: SessionContext) -> KeyUsage:
+            key = ctx.secret_key(key_id, key_version_id(version))
+            return KeyUsage(encrypt=bool(key[Attribute.ENCRYPT]),
+                            decrypt=bool(key[Attribute.DECRYPT]))
+
+        return await self._pool.run(read)
+
+    async def rotate(self, key_id: str) -> KeyRecord:
+        """Add a new version with the same usage; old versions still decrypt.
+
+        :raises AdminError: if the key does not exist.
+        """
+        record = self._require(key_id)
+        usage = await self.usage(key_id, record.current_version)
+        version = record.current_version + 1
+        await self._generate(key_id, version, usage)
+        with self._registry.edit() as records:
+            current = records[key_id]
+            records[key_id] = record = KeyRecord(
+                key_id=key_id, enabled=current.enabled,
+                versions=(*current.versions, version), created=current.created)
+        return record
+
+    async def set_enabled(self, key_id: str, enabled: bool) -> KeyRecord:
+        try:
+            return self._registry.set_enabled(key_id, enabled)
+        except RegistryError as exc:
+            raise AdminError(str(exc)) from None
+
+    async def delete(self, key_id: str) -> int:
+        """Destroy every version of a key in the token; returns how many objects went.
+
+        :raises AdminError: if the key does not exist.
+        """
+        self._require(key_id)
+        with self._registry.edit() as records:
+            del records[key_id]
+
+        def destroy(ctx: SessionContext) -> int:
+            objects = list(ctx.session.get_objects({
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}))
+            for obj in objects:
+                obj.destroy()
+            ctx.forget_keys()
+            return len(objects)
+
+        return await self._pool.run(destroy)
+
+    async def list(self) -> list[tuple[KeyRecord, KeyUsage]]:
+        out = []
+        for record in sorted(self._registry.records().values(), key=lambda r: r.key_id):
+            out.append((record, await self.usage(record.key_id, record.current_version)))
+        return out
+
+    def _require(self, key_id: str) -> KeyRecord:
+        record = self._registry.get(key_id)
+        if record is None:
+            raise AdminError(f"no key {key_id!r}")
+        return record

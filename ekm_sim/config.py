@@ -1,0 +1,353 @@
+"""The simulator's configuration: one TOML file, every value overridable from the environment.
+
+Environment overrides use the path of the value, upper case, joined by double underscores:
+``EKM_SIM__SERVER__PORT=9443``, ``EKM_SIM__HSM__USER_PIN=...``,
+``EKM_SIM__STORES__0__CREDENTIALS__1__SECRET_ACCESS_KEY=...``. A value is read as a TOML
+literal when it parses as one (numbers, booleans, arrays) and as a string otherwise.
+Everything is checked once at start-up; an error names the field. Nothing reads
+``os.environ`` after ``load``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from shared.pkcs11pool import DispatchMode, PoolConfig
+from shared.sigv4 import ACCESS_KEY_ID_PATTERN, SECRET_PATTERN, Credential
+from shared.xks import MAX_AAD_BYTES, MIN_AAD_BYTES, MIN_PLAINTEXT_BYTES
+
+__all__ = [
+    "ENV_PREFIX",
+    "Config",
+    "ConfigError",
+    "HSMConfig",
+    "HealthConfig",
+    "LimitsConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "TLSConfig",
+    "load",
+]
+
+ENV_PREFIX: Final = "EKM_SIM__"
+DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
+# XksProxyUriPath allows [a-zA-Z0-9/_-] (spec L128); the prefix is that path without
+# the trailing /kms/xks/v1 and without a leading slash, as the public test client takes it.
+_PREFIX: Final = re.compile(r"[a-zA-Z0-9/_-]{0,110}")
+_KEY_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid. The message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    # Extra processes sharing the port with SO_REUSEPORT; quotas are then per process.
+    workers: int = 1
+    # Where the one-line-per-request log goes: "-" for stderr, or a file path.
+    request_log: str = "-"
+    # A separate plain-HTTP listener answering GET /ping for load balancers (spec L718).
+    ping_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    enabled: bool = True
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+    # Client certificate subject CNs or SANs accepted after the handshake; empty = any
+    # certificate that chains to client_ca.
+    allowed_client_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HSMConfig:
+    module: str = DEFAULT_MODULE
+    token_label: str = "ekm-sim"
+    user_pin: str = field(default="", repr=False)
+    so_pin: str = field(default="", repr=False)
+    # SOFTHSM2_CONF for this token; set in the process environment before the module loads.
+    softhsm_conf: Path | None = None
+    mode: DispatchMode = DispatchMode.INLINE
+    workers: int = 2
+    max_pending: int = 256
+    # "hsm": C_GenerateRandom; "os": os.urandom. Both are CSPRNGs; the HSM call costs a hop.
+    iv_source: str = "hsm"
+
+    def pool(self) -> PoolConfig:
+        return PoolConfig(module=self.module, token_label=self.token_label,
+                          user_pin=self.user_pin, mode=self.mode, workers=self.workers,
+                          max_pending=self.max_pending)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_plaintext_bytes: int = 65536
+    max_aad_bytes: int = MAX_AAD_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    # A token key used only by GetHealthStatus; never in a store's allow-list.
+    test_key: str = "ekm-sim.health-probe"
+    # Deep checks are cached at most this long (spec L598 allows up to one minute).
+    cache_seconds: float = 10.0
+    # A round trip slower than this reports DEGRADED instead of ACTIVE.
+    degraded_after_ms: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """One logical key store: a URI path prefix with its own credentials, keys and quota."""
+
+    uri_prefix: str
+    region: str
+    credentials: tuple[Credential, ...]
+    # Key ids this store may use; ("*",) allows every key in the registry.
+    keys: tuple[str, ...] = ("*",)
+    # Requests per second for the whole prefix; 0 = no quota.
+    quota_rps: float = 0.0
+    # Secondary authorization: shell-style patterns matched against awsPrincipalArn;
+    # empty = every principal.
+    allowed_principals: tuple[str, ...] = ()
+
+    @property
+    def base_path(self) -> str:
+        return f"/{self.uri_prefix}/kms/xks/v1" if self.uri_prefix else "/kms/xks/v1"
+
+    def allows_key(self, key_id: str) -> bool:
+        return "*" in self.keys or key_id in self.keys
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    stores: tuple[StoreConfig, ...]
+    registry: Path
+    server: ServerConfig = ServerConfig()
+    tls: TLSConfig = TLSConfig()
+    hsm: HSMConfig = HSMConfig()
+    limits: LimitsConfig = LimitsConfig()
+    health: HealthConfig = HealthConfig()
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``EKM_SIM__A__B=...`` variables onto the parsed TOML tree."""
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            nxt_is_index = path[i + 1].isdigit()
+            if isinstance(node, list):
+                index = int(part)
+                while len(node) <= index:
+                    node.append({})
+                node = node[index]
+            else:
+                node = node.setdefault(part, [] if nxt_is_index else {})
+        last = path[-1]
+        if isinstance(node, list):
+            index = int(last)
+            while len(node) <= index:
+                node.append(None)
+            node[index] = _parse_env_value(raw)
+        else:
+            node[last] = _parse_env_value(raw)
+    return data
+
+
+class _Reader:
+    """Typed access to one TOML table, naming fields in errors."""
+
+    def __init__(self, data: Any, where: str, base: Path) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'config'} must be a table")
+        self.data, self.where, self.base = data, where, base
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, kind: type, default: Any = None, *, required: bool = False) -> Any:
+        if key not in self.data:
+            if required:
+                raise ConfigError(f"{self._name(key)} is required")
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{self._name(key)} must be a {kind.__name__}")
+        return value
+
+    def path(self, key: str, *, required: bool = False) -> Path | None:
+        value = self.get(key, str, required=required)
+        if value is None:
+            return None
+        p = Path(value)
+        return p if p.is_absolute() else (self.base / p).resolve()
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(key, list, list(default))
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self._name(key)} must be a list of strings")
+        return tuple(value)
+
+    def table(self, key: str) -> _Reader:
+        return _Reader(self.data.get(key, {}), self._name(key), self.base)
+
+    def check(self, ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self._name(key)} {why}")
+
+
+def _server(r: _Reader) -> ServerConfig:
+    port = r.get("port", int, 8443)
+    workers = r.get("workers", int, 1)
+    r.check(0 <= port <= 65535, "port", "must be 0-65535")
+    r.check(1 <= workers <= 64, "workers", "must be 1-64")
+    ping = r.get("ping_port", int)
+    return ServerConfig(host=r.get("host", str, "127.0.0.1"), port=port, workers=workers,
+                        request_log=r.get("request_log", str, "-"), ping_port=ping)
+
+
+def _tls(r: _Reader) -> TLSConfig:
+    enabled = r.get("enabled", bool, True)
+    tls = TLSConfig(
+        enabled=enabled,
+        cert=r.path("cert", required=enabled),
+        key=r.path("key", required=enabled),
+        client_ca=r.path("client_ca"),
+        require_client_cert=r.get("require_client_cert", bool, False),
+        allowed_client_names=r.strings("allowed_client_names"),
+    )
+    r.check(not tls.require_client_cert or tls.client_ca is not None, "client_ca",
+            "is required when require_client_cert is true")
+    r.check(not tls.require_client_cert or enabled, "require_client_cert",
+            "needs tls.enabled")
+    return tls
+
+
+def _hsm(r: _Reader) -> HSMConfig:
+    mode = r.get("mode", str, "inline")
+    r.check(mode in set(DispatchMode), "mode", f"must be one of {sorted(DispatchMode)}")
+    iv_source = r.get("iv_source", str, "hsm")
+    r.check(iv_source in ("hsm", "os"), "iv_source", "must be 'hsm' or 'os'")
+    workers = r.get("workers", int, 2)
+    r.check(1 <= workers <= 64, "workers", "must be 1-64")
+    return HSMConfig(
+        module=r.get("module", str, DEFAULT_MODULE),
+        token_label=r.get("token_label", str, "ekm-sim"),
+        user_pin=r.get("user_pin", str, required=True),
+        so_pin=r.get("so_pin", str, ""),
+        softhsm_conf=r.path("softhsm_conf"),
+        mode=DispatchMode(mode),
+        workers=workers,
+        max_pending=r.get("max_pending", int, 256),
+        iv_source=iv_source,
+    )
+
+
+def _limits(r: _Reader) -> LimitsConfig:
+    limits = LimitsConfig(
+        max_plaintext_bytes=r.get("max_plaintext_bytes", int, 65536),
+        max_aad_bytes=r.get("max_aad_bytes", int, MAX_AAD_BYTES),
+    )
+    r.check(limits.max_plaintext_bytes >= MIN_PLAINTEXT_BYTES, "max_plaintext_bytes",
+            f"must be at least the spec minimum {MIN_PLAINTEXT_BYTES}")
+    r.check(MIN_AAD_BYTES <= limits.max_aad_bytes <= MAX_AAD_BYTES, "max_aad_bytes",
+            f"must be {MIN_AAD_BYTES}-{MAX_AAD_BYTES}")
+    return limits
+
+
+def _health(r: _Reader) -> HealthConfig:
+    health = HealthConfig(
+        test_key=r.get("test_key", str, "ekm-sim.health-probe"),
+        cache_seconds=r.get("cache_seconds", float, 10.0),
+        degraded_after_ms=r.get("degraded_after_ms", float, 100.0),
+    )
+    r.check(0 <= health.cache_seconds <= 60, "cache_seconds", "must be 0-60 (spec L598)")
+    return health
+
+
+def _store(r: _Reader) -> StoreConfig:
+    prefix = r.get("uri_prefix", str, required=True).strip("/")
+    r.check(bool(_PREFIX.fullmatch(prefix)), "uri_prefix", "must be <=110 chars of [a-zA-Z0-9/_-]")
+    raw_creds = r.get("credentials", list, required=True)
+    creds = []
+    for i, raw in enumerate(raw_creds):
+        c = _Reader(raw, f"{r.where}.credentials[{i}]", r.base)
+        ak = c.get("access_key_id", str, required=True)
+        sk = c.get("secret_access_key", str, required=True)
+        c.check(bool(ACCESS_KEY_ID_PATTERN.fullmatch(ak)), "access_key_id",
+                "must be 20-30 characters of [A-Z2-7]")
+        c.check(bool(SECRET_PATTERN.fullmatch(sk)), "secret_access_key",
+                "must be 43-64 characters of [a-zA-Z0-9/+=]")
+        creds.append(Credential(ak, sk))
+    r.check(bool(creds), "credentials", "needs at least one credential set")
+    r.check(len({c.access_key_id for c in creds}) == len(creds), "credentials",
+            "has a repeated access_key_id")
+    keys = r.strings("keys", ("*",))
+    r.check(all(k == "*" or _KEY_ID.fullmatch(k) for k in keys), "keys",
+            "must hold key ids of [A-Za-z0-9._-] or '*'")
+    quota = r.get("quota_rps", float, 0.0)
+    r.check(quota >= 0, "quota_rps", "must be >= 0")
+    return StoreConfig(uri_prefix=prefix, region=r.get("region", str, "us-east-1"),
+                       credentials=tuple(creds), keys=keys, quota_rps=quota,
+                       allowed_principals=r.strings("allowed_principals"))
+
+
+def parse(data: dict[str, Any], base: Path) -> Config:
+    """Build a checked ``Config`` from a TOML tree. :raises ConfigError: naming the field."""
+    root = _Reader(data, "", base)
+    raw_stores = root.get("stores", list, required=True)
+    stores = tuple(_store(_Reader(s, f"stores[{i}]", base)) for i, s in enumerate(raw_stores))
+    root.check(bool(stores), "stores", "needs at least one key store")
+    prefixes = [s.uri_prefix for s in stores]
+    root.check(len(set(prefixes)) == len(prefixes), "stores", "has a repeated uri_prefix")
+    access_keys = [c.access_key_id for s in stores for c in s.credentials]
+    root.check(len(set(access_keys)) == len(access_keys), "stores",
+               "share an access_key_id; each must map to one store unambiguously")
+    health = _health(root.table("health"))
+    root.check(all(health.test_key not in s.keys for s in stores), "health.test_key",
+               "must not be in any store's keys")
+    return Config(
+        stores=stores,
+        registry=root.path("registry", required=True) or Path(),
+        server=_server(root.table("server")),
+        tls=_tls(root.table("tls")),
+        hsm=_hsm(root.table("hsm")),
+        limits=_limits(root.table("limits")),
+        health=health,
+    )
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path``, overlay the environment, and check everything.
+
+    :raises ConfigError: naming the bad field.
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    data = apply_env(data, os.environ if env is None else env)
+    return parse(data, path.resolve().parent)

@@ -1,0 +1,210 @@
+"""``ekm-sim dev up/down``: a ready simulator in the background, described by ``ekm.json``.
+
+``ekm.json`` fields are a stable interface that other tools (the KMS front's dev stack,
+test harnesses) read: url, uri_prefix, region, access_key_id, secret_access_key, ca,
+client_cert, client_key, keys{default, encrypt_only, decrypt_only, impotent}, pid.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Final
+
+from ekm_sim.admin import AdminError, write_softhsm_conf
+from shared.certs import DevCA
+
+__all__ = ["TEST_CLIENT_CREDENTIAL", "down", "make_certs", "up"]
+
+# The public XKS test client's default credentials, so vendors can run it with no flags.
+TEST_CLIENT_CREDENTIAL: Final = ("BETWEEN2TENAND3TENCHARACTERS",
+                                 "PleaseReplaceThisWithSomeSecretOfLength43To64")
+URI_PREFIX: Final = "example/uri/path/prefix"
+REGION: Final = "us-east-1"
+CLIENT_CN: Final = "kms-proxy.dev.internal"
+KEYS: Final = {"default": ("foo", "both"), "encrypt_only": ("encrypt_only_key", "encrypt"),
+               "decrypt_only": ("decrypt_only_key", "decrypt"),
+               "impotent": ("impotent_key", "none")}
+
+
+def make_certs(out: Path, *, sans: list[str], client_cn: str = CLIENT_CN) -> dict[str, Path]:
+    """A dev CA (reused if present), a server certificate and a client certificate."""
+    ca = DevCA.load_or_create(out)
+    server = ca.issue("server", common_name=sans[0], sans=sans, server=True)
+    client = ca.issue("client", common_name=client_cn, sans=[client_cn], server=False)
+    return {"ca": ca.cert_path, "server_cert": server.cert, "server_key": server.key,
+            "client_cert": client.cert, "client_key": client.key}
+
+
+def _random_access_key_id() -> str:
+    return base64.b32encode(secrets.token_bytes(15)).decode()[:24]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cli(*args: str, env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "ekm_sim.cli", *args], env=env,
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise AdminError(f"ekm-sim {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
+       ) -> dict[str, Any]:
+    """Set up certificates, a token, a config and the demo keys, start the server in the
+    background and return what ``ekm.json`` holds. Idempotent while the server runs.
+
+    :raises AdminError: if set-up fails or the server does not come up in time.
+    """
+    workdir = workdir.resolve()
+    info_path = workdir / "ekm.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        if _alive(int(info["pid"])):
+            return dict(info)
+    workdir.mkdir(parents=True, exist_ok=True)
+    certs = make_certs(workdir / "certs", sans=["localhost", "127.0.0.1"])
+    conf = workdir / "softhsm2.conf"
+    write_softhsm_conf(workdir / "tokens", conf)
+    config_path = workdir / "ekm-sim.toml"
+    if not config_path.exists():
+        second = (_random_access_key_id(), base64.b64encode(secrets.token_bytes(32)).decode())
+        config_path.write_text(_config_text(workdir, certs, conf, second, port, workers))
+        config_path.chmod(0o600)
+    env = dict(os.environ, EKM_SIM_CONFIG=str(config_path))
+    _cli("init", env=env)
+    listing = subprocess.run([sys.executable, "-m", "ekm_sim.cli", "keys", "list", "--json"],
+                             env=env, capture_output=True, text=True, check=True)
+    existing = {k["key_id"] for k in json.loads(listing.stdout)}
+    for key_id, usage in KEYS.values():
+        if key_id not in existing:
+            _cli("keys", "create", key_id, "--usage", usage, env=env)
+
+    port_file = workdir / "ekm-sim.port"
+    port_file.unlink(missing_ok=True)
+    log = open(workdir / "ekm-sim.log", "ab")  # noqa: SIM115 - handed to the child.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ekm_sim.cli", "serve", "--port-file", str(port_file)],
+        env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    log.close()
+    bound = _wait_ready(process, port_file, certs, timeout)
+    info = {
+        "url": f"https://127.0.0.1:{bound}",
+        "uri_prefix": URI_PREFIX,
+        "region": REGION,
+        "access_key_id": TEST_CLIENT_CREDENTIAL[0],
+        "secret_access_key": TEST_CLIENT_CREDENTIAL[1],
+        "ca": str(certs["ca"]),
+        "client_cert": str(certs["client_cert"]),
+        "client_key": str(certs["client_key"]),
+        "keys": {role: key_id for role, (key_id, _) in KEYS.items()},
+        "pid": process.pid,
+        "config": str(config_path),
+        "log": str(workdir / "ekm-sim.log"),
+    }
+    tmp = info_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.chmod(0o600)
+    tmp.replace(info_path)
+    return info
+
+
+def _wait_ready(process: subprocess.Popen[bytes], port_file: Path, certs: dict[str, Path],
+                timeout: float) -> int:
+    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+    ctx.load_cert_chain(str(certs["client_cert"]), str(certs["client_key"]))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AdminError(f"ekm-sim serve exited with {process.returncode}; see its log")
+        if port_file.exists():
+            port = int(port_file.read_text())
+            try:
+                with urllib.request.urlopen(  # noqa: S310 - our own https URL.
+                        f"https://127.0.0.1:{port}/ping", context=ctx, timeout=2) as resp:
+                    if resp.status == 200:
+                        return port
+            except OSError:
+                pass
+        time.sleep(0.1)
+    process.terminate()
+    raise AdminError(f"ekm-sim did not come up within {timeout:.0f}s")
+
+
+def _config_text(workdir: Path, certs: dict[str, Path], conf: Path,
+                 second: tuple[str, str], port: int, workers: int) -> str:
+    user_pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)
+    keys = ", ".join(f'"{key_id}"' for key_id, _ in KEYS.values())
+    return f"""# Written by `ekm-sim dev up`. Holds secrets: keep it private (mode 0600).
+registry = "{workdir / 'keys.json'}"
+
+[server]
+host = "127.0.0.1"
+port = {port}
+workers = {workers}
+request_log = "{workdir / 'requests.log'}"
+
+[tls]
+enabled = true
+cert = "{certs['server_cert']}"
+key = "{certs['server_key']}"
+client_ca = "{certs['ca']}"
+require_client_cert = true
+allowed_client_names = ["{CLIENT_CN}"]
+
+[hsm]
+token_label = "ekm-sim"
+user_pin = "{user_pin}"
+so_pin = "{so_pin}"
+softhsm_conf = "{conf}"
+
+[[stores]]
+uri_prefix = "{URI_PREFIX}"
+region = "{REGION}"
+keys = [{keys}]
+
+[[stores.credentials]]
+access_key_id = "{TEST_CLIENT_CREDENTIAL[0]}"
+secret_access_key = "{TEST_CLIENT_CREDENTIAL[1]}"
+
+[[stores.credentials]]
+access_key_id = "{second[0]}"
+secret_access_key = "{second[1]}"
+"""
+
+
+def down(workdir: Path, *, timeout: float = 15.0) -> None:
+    """Stop the server that ``up`` started; a no-op if it is not running."""
+    info_path = workdir.resolve() / "ekm.json"
+    if not info_path.exists():
+        return
+    pid = int(json.loads(info_path.read_text())["pid"])
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    info_path.unlink()

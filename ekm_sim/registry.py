@@ -1,0 +1,126 @@
+"""The key registry: each key's lifecycle state, kept in one JSON file beside the token.
+
+The XKS API has no key lifecycle, so the simulator keeps its own: which keys exist, whether
+each is enabled, and which versions it has. Key material and usage flags live in the
+PKCS#11 token (CKA_ENCRYPT/CKA_DECRYPT); the registry never holds material.
+
+The CLI changes the file under an exclusive lock and replaces it atomically; a running
+server notices the change within ``refresh_seconds`` without a restart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["KeyRecord", "KeyRegistry", "RegistryError"]
+
+_FORMAT = 1
+
+
+class RegistryError(Exception):
+    """The registry file is unreadable, or a change to it is not allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """One key's lifecycle state. ``versions`` ascend; the newest encrypts."""
+
+    key_id: str
+    enabled: bool
+    versions: tuple[int, ...]
+    created: str
+
+    @property
+    def current_version(self) -> int:
+        return self.versions[-1]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["versions"] = list(self.versions)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> KeyRecord:
+        return cls(key_id=str(data["key_id"]), enabled=bool(data["enabled"]),
+                   versions=tuple(int(v) for v in data["versions"]),
+                   created=str(data["created"]))
+
+
+class KeyRegistry:
+    """Read (with cheap change detection) and update the registry file."""
+
+    def __init__(self, path: Path, *, refresh_seconds: float = 0.5) -> None:
+        self.path = path
+        self._refresh_seconds = refresh_seconds
+        self._checked_at = float("-inf")
+        self._stamp: tuple[int, int] | None = None
+        self._records: dict[str, KeyRecord] = {}
+
+    def records(self) -> Mapping[str, KeyRecord]:
+        """The current records; re-reads the file at most once per refresh interval."""
+        now = time.monotonic()
+        if now - self._checked_at >= self._refresh_seconds:
+            self._checked_at = now
+            self._reload_if_changed()
+        return self._records
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        return self.records().get(key_id)
+
+    def _reload_if_changed(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._records, self._stamp = {}, None
+            return
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._stamp:
+            self._records = _read(self.path)
+            self._stamp = stamp
+
+    @contextmanager
+    def edit(self) -> Iterator[dict[str, KeyRecord]]:
+        """Lock the registry, yield its records to change in place, then write atomically.
+
+        :raises RegistryError: if the file is unreadable.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_suffix(self.path.suffix + ".lock")
+        with open(lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            records = _read(self.path) if self.path.exists() else {}
+            yield records
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            tmp.write_text(json.dumps({
+                "format": _FORMAT,
+                "keys": {k: r.to_json() for k, r in sorted(records.items())},
+            }, indent=2) + "\n")
+            os.replace(tmp, self.path)
+        self._checked_at = float("-inf")
+
+    def set_enabled(self, key_id: str, enabled: bool) -> KeyRecord:
+        """:raises RegistryError: if the key does not exist."""
+        with self.edit() as records:
+            record = records.get(key_id)
+            if record is None:
+                raise RegistryError(f"no key {key_id!r}")
+            records[key_id] = record = replace(record, enabled=enabled)
+        return record
+
+
+def _read(path: Path) -> dict[str, KeyRecord]:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != _FORMAT:
+            raise RegistryError(f"{path}: unknown registry format {data.get('format')!r}")
+        return {k: KeyRecord.from_json(v) for k, v in data["keys"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"cannot read key registry {path}: {exc}") from None

@@ -1,0 +1,115 @@
+"""Run the simulator: listeners, TLS, worker processes, request log, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from ekm_sim.app import create_app, ping
+from ekm_sim.config import Config
+from shared.tls import server_context
+
+__all__ = ["serve"]
+
+log = logging.getLogger("ekm_sim.server")
+
+
+def configure_logging(config: Config) -> None:
+    """Operational logs to stderr; the request log (one JSON line each) where configured."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    request_log = logging.getLogger("ekm_sim.requests")
+    request_log.propagate = False
+    target = config.server.request_log
+    if target == "off":
+        request_log.setLevel(logging.WARNING)
+        return
+    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if target == "-"
+                                else logging.FileHandler(target))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    request_log.addHandler(handler)
+    request_log.setLevel(logging.INFO)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) so that workers can share the port with SO_REUSEPORT."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+async def _run(config: Config, port: int, port_file: Path | None) -> None:
+    if config.hsm.softhsm_conf is not None:
+        # The SoftHSM module reads this when it loads, which happens in create_app's context.
+        os.environ["SOFTHSM2_CONF"] = str(config.hsm.softhsm_conf)
+    ssl_ctx = None
+    if config.tls.enabled:
+        assert config.tls.cert is not None and config.tls.key is not None
+        ssl_ctx = server_context(cert=config.tls.cert, key=config.tls.key,
+                                 client_ca=config.tls.client_ca,
+                                 require_client_cert=config.tls.require_client_cert)
+    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, port, ssl_context=ssl_ctx,
+                       reuse_port=True, backlog=1024)
+    await site.start()
+    ping_runner = None
+    if config.server.ping_port is not None:
+        ping_app = web.Application()
+        ping_app.router.add_get("/ping", ping)
+        ping_runner = web.AppRunner(ping_app, access_log=None, handle_signals=False)
+        await ping_runner.setup()
+        await web.TCPSite(ping_runner, config.server.host, config.server.ping_port,
+                          reuse_port=True).start()
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(port_file)
+    scheme = "https" if ssl_ctx else "http"
+    log.info("ekm-sim listening on %s://%s:%d (pid %d)", scheme, config.server.host, port,
+             os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if ping_runner is not None:
+        await ping_runner.cleanup()
+    await runner.cleanup()
+
+
+def serve(config: Config, *, config_path: Path, port_file: Path | None = None,
+          worker_port: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. With ``server.workers > 1`` the first process starts the
+    others (fresh interpreters: PKCS#11 state must not cross a fork) on the same port.
+    """
+    configure_logging(config)
+    if worker_port is not None:
+        asyncio.run(_run(config, worker_port, None))
+        return
+    reserved = _reserve_port(config.server.host, config.server.port)
+    port = reserved.getsockname()[1]
+    children = [
+        subprocess.Popen([sys.executable, "-m", "ekm_sim.cli", "serve", "--config",
+                          str(config_path), "--worker-port", str(port)])
+        for _ in range(config.server.workers - 1)
+    ]
+    try:
+        asyncio.run(_run(config, port, port_file))
+    finally:
+        reserved.close()
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()

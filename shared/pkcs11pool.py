@@ -1,0 +1,297 @@
+"""PKCS#11 sessions for asyncio services: login, reuse, dispatch, and error mapping.
+
+This is the one module that touches ``pkcs11`` sessions and the one place where
+``pkcs11.exceptions`` become typed errors. Two dispatch modes exist because the numbers
+decide between them (README, performance notes):
+
+- ``inline``: calls run on the event loop thread with one session. SoftHSM's AES-GCM on a
+  few KB costs tens of microseconds, less than a hop to a thread and back.
+- ``threads``: calls run on a bounded thread pool with one session per worker thread;
+  python-pkcs11 releases the GIL around every C_* call, so a slow or remote token does not
+  stall the loop.
+
+Login state in PKCS#11 belongs to the application, not the session: the pool logs in once on
+a session it keeps open for its whole life, and every other session inherits the login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final, TypeVar
+
+import pkcs11
+from pkcs11 import exceptions as p11e
+
+__all__ = [
+    "DispatchMode",
+    "HSMDataInvalid",
+    "HSMError",
+    "HSMKeyMissing",
+    "HSMKeyUsageNotPermitted",
+    "HSMPoolExhausted",
+    "HSMUnavailable",
+    "PKCS11Pool",
+    "PoolConfig",
+    "SessionContext",
+    "aes_gcm",
+]
+
+log = logging.getLogger("shared.pkcs11")
+T = TypeVar("T")
+
+
+class HSMError(Exception):
+    """The token failed in a way the caller cannot fix."""
+
+
+class HSMUnavailable(HSMError):
+    """The token or session is gone; the session was evicted and will be reopened."""
+
+
+class HSMKeyUsageNotPermitted(HSMError):
+    """The key's attributes forbid this operation (``CKR_KEY_FUNCTION_NOT_PERMITTED``)."""
+
+
+class HSMDataInvalid(HSMError):
+    """The input data is wrong for the key, e.g. a GCM tag that does not verify."""
+
+
+class HSMKeyMissing(HSMError):
+    """A key object that was found before no longer exists in the token."""
+
+
+class HSMPoolExhausted(HSMError):
+    """More calls are waiting than the pool accepts; the caller should shed load."""
+
+
+class DispatchMode(StrEnum):
+    INLINE = "inline"
+    THREADS = "threads"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """Where the token is and how to use it."""
+
+    module: str
+    token_label: str
+    user_pin: str = field(repr=False)
+    mode: DispatchMode = DispatchMode.INLINE
+    # Worker threads (threads mode). SoftHSM work is CPU-bound: more workers than cores only
+    # queue inside the library.
+    workers: int = 2
+    # Calls allowed to wait for a worker before HSMPoolExhausted is raised.
+    max_pending: int = 256
+
+
+# Errors that say nothing about the session: it stays usable (spec'd PKCS#11 data errors).
+_DATA_ERRORS: Final = (
+    p11e.EncryptedDataInvalid,
+    p11e.EncryptedDataLenRange,
+    p11e.DataInvalid,
+    p11e.DataLenRange,
+    p11e.MechanismParamInvalid,
+)
+# Errors after which the session (or the whole token) cannot be trusted any more.
+_SESSION_ERRORS: Final = (
+    p11e.SessionHandleInvalid,
+    p11e.SessionClosed,
+    p11e.DeviceError,
+    p11e.DeviceRemoved,
+    p11e.DeviceMemory,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.UserNotLoggedIn,
+)
+
+
+class SessionContext:
+    """One session and the key objects found through it.
+
+    Key handles are valid in every session of the application, but python-pkcs11 binds each
+    object to the session that found it, so each session keeps its own cache.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self._keys: dict[tuple[str, bytes], Any] = {}
+
+    def secret_key(self, label: str, key_id: bytes) -> Any:
+        """Find a token secret key by label and CKA_ID, cached.
+
+        :raises HSMKeyMissing: if there is not exactly one such key.
+        """
+        key = self._keys.get((label, key_id))
+        if key is None:
+            found = list(self.session.get_objects({
+                pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                pkcs11.Attribute.LABEL: label,
+                pkcs11.Attribute.ID: key_id,
+                pkcs11.Attribute.TOKEN: True,
+            }))
+            if len(found) != 1:
+                raise HSMKeyMissing(f"{len(found)} token keys match label {label!r}")
+            key = self._keys[(label, key_id)] = found[0]
+        return key
+
+    def forget_keys(self) -> None:
+        self._keys.clear()
+
+
+def aes_gcm(key: Any, data: bytes, *, iv: bytes, aad: bytes, decrypt: bool) -> bytes:
+    """AES-GCM with a 128-bit tag at the end of the ciphertext.
+
+    :raises HSMKeyUsageNotPermitted: if the key's CKA_ENCRYPT/CKA_DECRYPT forbids it.
+    """
+    operation = getattr(key, "decrypt" if decrypt else "encrypt", None)
+    if operation is None:
+        # python-pkcs11 gives an object encrypt/decrypt methods only when the token reports
+        # CKA_ENCRYPT/CKA_DECRYPT true, so a missing method is the token's usage refusal.
+        raise HSMKeyUsageNotPermitted(
+            f"the key does not permit {'decrypt' if decrypt else 'encrypt'}")
+    return bytes(operation(data, mechanism=pkcs11.Mechanism.AES_GCM,
+                           mechanism_param=pkcs11.GCMParams(iv, aad, 128)))
+
+
+class PKCS11Pool:
+    """Run callables against logged-in sessions of one token, off or on the event loop.
+
+    Use as an async context manager; ``run`` raises only the ``HSMError`` family for
+    PKCS#11 failures.
+    """
+
+    def __init__(self, config: PoolConfig) -> None:
+        self._config = config
+        self._lib: Any = None
+        self._token: Any = None
+        self._login: SessionContext | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    @property
+    def mode(self) -> DispatchMode:
+        return self._config.mode
+
+    @property
+    def token_label(self) -> str:
+        return self._config.token_label
+
+    async def __aenter__(self) -> PKCS11Pool:
+        # Loading the module and logging in happen once, at start-up, before any request.
+        self._lib = pkcs11.lib(self._config.module)
+        self._token = self._lib.get_token(token_label=self._config.token_label)
+        self._login = SessionContext(self._open_session(login=True))
+        if self._config.mode is DispatchMode.THREADS:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._config.workers, thread_name_prefix="pkcs11"
+            )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._login is not None:
+            _close_quietly(self._login.session)
+            self._login = None
+
+    def _open_session(self, *, login: bool) -> Any:
+        try:
+            if login:
+                return self._token.open(rw=True, user_pin=self._config.user_pin)
+            return self._token.open(rw=True)
+        except p11e.PinIncorrect:
+            # Never echo the PIN.
+            raise HSMUnavailable("the token refused the configured user PIN") from None
+        except p11e.PKCS11Error as exc:
+            raise HSMUnavailable(f"cannot open a session: {type(exc).__name__}") from None
+
+    def token_info(self) -> dict[str, str]:
+        """Label, model, manufacturer and serial of the token (for health reports)."""
+        token = self._token
+        return {
+            "label": str(token.label),
+            "model": str(token.model).strip(),
+            "manufacturer": str(token.manufacturer_id).strip(),
+            "serial": bytes(token.serial).decode(errors="replace").strip()
+            if isinstance(token.serial, bytes | bytearray) else str(token.serial).strip(),
+        }
+
+    def _thread_context(self) -> SessionContext:
+        ctx: SessionContext | None = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._local.ctx = SessionContext(self._open_session(login=False))
+        return ctx
+
+    def _evict(self, ctx: SessionContext) -> None:
+        if self._config.mode is DispatchMode.THREADS:
+            self._local.ctx = None
+            _close_quietly(ctx.session)
+        else:
+            # The inline session is also the login session: reopen and log in again.
+            _close_quietly(ctx.session)
+            self._login = SessionContext(self._open_session(login=True))
+
+    def _call(self, fn: Callable[[SessionContext], T], decrypting: bool) -> T:
+        if self._config.mode is DispatchMode.THREADS:
+            ctx = self._thread_context()
+        else:
+            assert self._login is not None, "pool used outside its context"
+            ctx = self._login
+        try:
+            return fn(ctx)
+        except _DATA_ERRORS as exc:
+            raise HSMDataInvalid(type(exc).__name__) from None
+        except p11e.GeneralError:
+            # SoftHSMv2 answers a GCM tag mismatch with CKR_GENERAL_ERROR, and nShield uses
+            # CKR_FUNCTION_FAILED (aws-kms-xks-proxy PR #30): on decrypt both mean bad data.
+            if decrypting:
+                raise HSMDataInvalid("GeneralError on decrypt") from None
+            raise HSMError("the token reported a general error") from None
+        except p11e.FunctionFailed:
+            if decrypting:
+                raise HSMDataInvalid("FunctionFailed on decrypt") from None
+            raise HSMError("the token reported a failed function") from None
+        except p11e.ObjectHandleInvalid:
+            ctx.forget_keys()
+            raise HSMKeyMissing("a cached key object is gone") from None
+        except _SESSION_ERRORS as exc:
+            log.warning("evicting PKCS#11 session after %s", type(exc).__name__)
+            self._evict(ctx)
+            raise HSMUnavailable(type(exc).__name__) from None
+        except p11e.PKCS11Error as exc:
+            raise HSMError(type(exc).__name__) from None
+
+    async def run(self, fn: Callable[[SessionContext], T], *, decrypting: bool = False) -> T:
+        """Run ``fn(context)`` with a logged-in session.
+
+        ``decrypting`` marks calls where vendor "general" errors mean invalid ciphertext.
+
+        :raises HSMError: (or a subclass) for any PKCS#11 failure.
+        """
+        if self._executor is None:
+            return self._call(fn, decrypting)
+        with self._lock:
+            if self._pending >= self._config.max_pending:
+                raise HSMPoolExhausted(f"{self._pending} PKCS#11 calls already waiting")
+            self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._call, fn, decrypting)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+
+def _close_quietly(session: Any) -> None:
+    try:
+        session.close()
+    except p11e.PKCS11Error:
+        pass
