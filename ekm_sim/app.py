@@ -166,6 +166,11 @@ def _client_subject_middleware(allowed: tuple[str, ...]) -> Any:
 async def _sigv4(request: web.Request, handler: Handler) -> web.StreamResponse:
     store = request.app[STORE]
     request[LOG_FIELDS]["uriPrefix"] = store.uri_prefix
+    # Route and method come first (the reference proxy's order): a request to an unknown
+    # path or with GET gets 404/405 whether or not it is signed.
+    unmatched = request.match_info.http_exception
+    if unmatched is not None:
+        raise unmatched
     body = await request.read()
     access_key_id = request.app[VERIFIER].verify(
         method=request.method,

@@ -186,8 +186,19 @@ class PKCS11Pool:
 
     async def __aenter__(self) -> PKCS11Pool:
         # Loading the module and logging in happen once, at start-up, before any request.
-        self._lib = pkcs11.lib(self._config.module)
-        self._token = self._lib.get_token(token_label=self._config.token_label)
+        try:
+            self._lib = pkcs11.lib(self._config.module)
+            try:
+                self._token = self._lib.get_token(token_label=self._config.token_label)
+            except p11e.NoSuchToken:
+                # SoftHSM builds its slot list in C_Initialize, so a token initialised after
+                # the module was loaded in this process is only seen after re-initialising.
+                self._lib.reinitialize()
+                self._token = self._lib.get_token(token_label=self._config.token_label)
+        except p11e.NoSuchToken:
+            raise HSMUnavailable(f"no token labelled {self._config.token_label!r}") from None
+        except p11e.PKCS11Error as exc:
+            raise HSMUnavailable(f"cannot load {self._config.module}: {exc}") from None
         self._login = SessionContext(self._open_session(login=True))
         if self._config.mode is DispatchMode.THREADS:
             self._executor = ThreadPoolExecutor(
@@ -205,7 +216,11 @@ class PKCS11Pool:
     def _open_session(self, *, login: bool) -> Any:
         try:
             if login:
-                return self._token.open(rw=True, user_pin=self._config.user_pin)
+                try:
+                    return self._token.open(rw=True, user_pin=self._config.user_pin)
+                except p11e.UserAlreadyLoggedIn:
+                    # Another pool of this process holds the login; sessions share it.
+                    pass
             return self._token.open(rw=True)
         except p11e.PinIncorrect:
             # Never echo the PIN.
