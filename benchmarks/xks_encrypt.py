@@ -35,6 +35,7 @@ import argparse
 import array
 import asyncio
 import contextlib
+import importlib
 import json
 import math
 import multiprocessing as mp
@@ -225,9 +226,7 @@ class Simulator(contextlib.AbstractContextManager["Simulator"]):
 
     @property
     def port(self) -> int:
-        port = urlsplit(self.info["url"]).port
-        assert port is not None
-        return port
+        return int(urlsplit(self.info["url"]).port or 0)
 
 
 def machine_busy_seconds() -> tuple[float, float]:
@@ -446,8 +445,7 @@ def _generator_main(cfg: GenConfig, pipe: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # The parent handles ^C and stops us.
     try:
         if cfg.loop == "uvloop":
-            import uvloop
-
+            uvloop = importlib.import_module("uvloop")  # Optional; only for --gen-loop uvloop.
             result = uvloop.run(_generate(cfg, pipe))
         else:
             result = asyncio.run(_generate(cfg, pipe))
@@ -538,7 +536,7 @@ def run_load(sim: Simulator, request: bytes, opts: LoadOptions) -> RunResult:
     ctx = mp.get_context("fork")  # No threads or event loops exist in this process yet.
     per_proc = [opts.connections // opts.gen_procs + (i < opts.connections % opts.gen_procs)
                 for i in range(opts.gen_procs)]
-    workers: list[tuple[mp.process.BaseProcess, Connection]] = []
+    workers: list[tuple[Any, Connection]] = []
     probe: Probe | None = None
     try:
         for i, conns in enumerate(per_proc):
@@ -782,9 +780,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = measure(sim, f"Encrypt  {setup.label()}", make_encrypt, opts, args.runs)
             summary["results"][f"encrypt {setup.label()}"] = {
                 **result, "idle_ping_ms": idle_ms}
+            def make_ping(sim: Simulator = sim) -> bytes:
+                return ping_request(sim)
+
             if i == 0 and not args.no_ceiling:
-                ceiling = measure(sim, f"GET /ping ceiling  {setup.label()}",
-                                  lambda sim=sim: ping_request(sim),
+                ceiling = measure(sim, f"GET /ping ceiling  {setup.label()}", make_ping,
                                   LoadOptions(**{**asdict(opts), "probe_interval": 0.0}),
                                   args.runs)
                 summary["results"][f"ping {setup.label()}"] = ceiling
