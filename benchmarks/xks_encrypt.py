@@ -517,6 +517,8 @@ class RunResult:
     gen_cpu_pct: float
     server_cpu_pct: float
     machine_busy_pct: float
+    # Machine CPU not used by the generator or the server: other processes on the box.
+    other_cpu_pct: float
     probe_p50_ms: float | None
     probe_p99_ms: float | None
     probe_max_ms: float | None
@@ -611,19 +613,32 @@ def run_load(sim: Simulator, request: bytes, opts: LoadOptions) -> RunResult:
               f"lost connections {sum(r.lost_connections for r in results)}; e.g. {sample}",
               file=sys.stderr)
     probes.sort()
-    busy = (machine1[0] - machine0[0]) / max(1e-9, machine1[1] - machine0[1])
+    busy = 100 * (os.cpu_count() or 1) * (machine1[0] - machine0[0]) / max(
+        1e-9, machine1[1] - machine0[1])
+    gen_cpu = 100 * sum(r.cpu_seconds for r in results) / window if window > 0 else 0.0
+    server_cpu = 100 * (server1 - server0) / server_window
     return RunResult(
         ops_s=len(ordered) / window if window > 0 else 0.0,
         p50_ms=_percentile(ordered, 50), p90_ms=_percentile(ordered, 90),
         p99_ms=_percentile(ordered, 99), max_ms=ordered[-1] if ordered else math.nan,
         requests=len(ordered), errors=errors,
-        gen_cpu_pct=100 * sum(r.cpu_seconds for r in results) / window if window > 0 else 0.0,
-        server_cpu_pct=100 * (server1 - server0) / server_window,
-        machine_busy_pct=100 * busy * (os.cpu_count() or 1),
+        gen_cpu_pct=gen_cpu, server_cpu_pct=server_cpu, machine_busy_pct=busy,
+        other_cpu_pct=max(0.0, busy - gen_cpu - server_cpu),
         probe_p50_ms=_percentile(probes, 50) * 1e3 if probes else None,
         probe_p99_ms=_percentile(probes, 99) * 1e3 if probes else None,
         probe_max_ms=probes[-1] * 1e3 if probes else None,
         window_s=window)
+
+
+def _warn_if_busy(seconds: float = 0.5, threshold_pct: float = 10.0) -> None:
+    """Say so when something else uses the CPU just before a run: it skews the figures."""
+    busy0, total0 = machine_busy_seconds()
+    time.sleep(seconds)
+    busy1, total1 = machine_busy_seconds()
+    pct = 100 * (os.cpu_count() or 1) * (busy1 - busy0) / max(1e-9, total1 - total0)
+    if pct > threshold_pct:
+        print(f"  ! the machine was {pct:.0f}% busy before this run (other processes); "
+              "see the other% column", file=sys.stderr, flush=True)
 
 
 def _sleep_until(deadline_ns: int) -> None:
@@ -648,6 +663,7 @@ _COLUMNS: Final = (("ops/s", "ops_s", 9, 0), ("p50ms", "p50_ms", 7, 2), ("p90ms"
                    ("p99ms", "p99_ms", 7, 2), ("maxms", "max_ms", 7, 1),
                    ("errors", "errors", 7, 0), ("gen%", "gen_cpu_pct", 6, 0),
                    ("server%", "server_cpu_pct", 8, 0), ("busy%", "machine_busy_pct", 6, 0),
+                   ("other%", "other_cpu_pct", 7, 0),
                    ("ping50", "probe_p50_ms", 7, 2), ("ping99", "probe_p99_ms", 7, 2),
                    ("pingmax", "probe_max_ms", 8, 1))
 
@@ -677,6 +693,7 @@ def measure(sim: Simulator, title: str, make_request: Callable[[], bytes], opts:
     print(f"{'run':<7}" + "".join(f"{name:>{w}}" for name, _, w, _ in _COLUMNS), flush=True)
     results = []
     for i in range(runs):
+        _warn_if_busy()
         result = run_load(sim, make_request(), opts)  # Signed afresh for every run.
         results.append(result)
         print(_row(str(i + 1), asdict(result)), flush=True)

@@ -6,8 +6,8 @@ configuration with environment overrides.
 
 __version__ = "0.1.0"
 
-from ekm_sim.app import create_app  # noqa: E402
-from ekm_sim.config import Config  # noqa: E402
-from ekm_sim.config import load as load_config  # noqa: E402
+from ekm_sim.app import create_app
+from ekm_sim.config import Config
+from ekm_sim.config import load as load_config
 
 __all__ = ["Config", "__version__", "create_app", "load_config"]

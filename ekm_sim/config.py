@@ -74,7 +74,7 @@ class TLSConfig:
 @dataclass(frozen=True, slots=True)
 class HSMConfig:
     module: str = DEFAULT_MODULE
-    token_label: str = "ekm-sim"
+    token_label: str = "ekm-sim"  # noqa: S105 - a label, not a secret.
     user_pin: str = field(default="", repr=False)
     so_pin: str = field(default="", repr=False)
     # SOFTHSM2_CONF for this token; set in the process environment before the module loads.

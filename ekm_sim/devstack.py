@@ -99,7 +99,7 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
 
     port_file = workdir / "ekm-sim.port"
     port_file.unlink(missing_ok=True)
-    log = open(workdir / "ekm-sim.log", "ab")  # noqa: SIM115 - handed to the child.
+    log = open(workdir / "ekm-sim.log", "ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "ekm_sim.cli", "serve", "--port-file", str(port_file)],
         env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -137,7 +137,7 @@ def _wait_ready(process: subprocess.Popen[bytes], port_file: Path, certs: dict[s
         if port_file.exists():
             port = int(port_file.read_text())
             try:
-                with urllib.request.urlopen(  # noqa: S310 - our own https URL.
+                with urllib.request.urlopen(
                         f"https://127.0.0.1:{port}/ping", context=ctx, timeout=2) as resp:
                     if resp.status == 200:
                         return port

@@ -282,7 +282,7 @@ class KeyStore:
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             token = self._pool.token_info()
-        except Exception:  # noqa: BLE001 - a dead token must still yield a report.
+        except Exception:
             token = {"label": self._pool.token_label, "model": "unknown",
                      "manufacturer": "unknown", "serial": ""}
         return Health(healthy=ok, degraded=latency_ms > self._health_config.degraded_after_ms,

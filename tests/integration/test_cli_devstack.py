@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
@@ -107,18 +108,18 @@ async def test_keys_lifecycle_against_the_running_server(stack: dict[str, Any]) 
         assert status == 200
 
         assert "now version 2" in run("keys", "rotate", "foo", *config).stdout
-        time.sleep(0.6)
+        await asyncio.sleep(0.6)
         status, new = await client.encrypt("foo", b"after")
         assert status == 200 and new["ciphertextMetadata"] != old["ciphertextMetadata"]
         assert (await client.decrypt("foo", old))[1] == {"plaintext": b64(b"before")}
         assert (await client.decrypt("foo", new))[1] == {"plaintext": b64(b"after")}
 
         run("keys", "disable", "foo", *config)
-        time.sleep(0.6)
+        await asyncio.sleep(0.6)
         status, body = await client.encrypt("foo", b"x")
         assert (status, body["errorName"]) == (400, "InvalidStateException")
         run("keys", "enable", "foo", *config)
-        time.sleep(0.6)
+        await asyncio.sleep(0.6)
         assert (await client.encrypt("foo", b"x"))[0] == 200
 
         listing = json.loads(run("keys", "list", "--json", *config).stdout)

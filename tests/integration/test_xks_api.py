@@ -257,7 +257,8 @@ async def test_allow_list_hides_other_keys(start_sim: StartSim,
 
 async def test_two_stores_have_separate_credentials(start_sim: StartSim,
                                                     make_config: Callable[..., Config]) -> None:
-    other = Credential("OTHERSTOREOTHERSTORE2345", "b3RoZXItc3RvcmUtc2VjcmV0LWZvci10ZXN0cy0wMDAwMA==")
+    other = Credential("OTHERSTOREOTHERSTORE2345",
+                       "b3RoZXItc3RvcmUtc2VjcmV0LWZvci10ZXN0cy0wMDAwMA==")
     sim = await start_sim(make_config(stores=(
         store(credentials=(CRED_A,)),
         store(uri_prefix="tenant/two", credentials=(other,), keys=("foo",)),
@@ -357,9 +358,9 @@ async def test_invalid_encrypt_fields(sim: Sim, change: dict[str, object]) -> No
 
 async def test_validation_comes_before_key_lookup_and_auth_before_validation(sim: Sim) -> None:
     status, body = await sim.call("keys/non_existing_key/encrypt", {})
-    assert body["errorName"] == "ValidationException"
+    assert (status, body["errorName"]) == (400, "ValidationException")
     bad = Credential(CRED_A.access_key_id, "Invalid" + CRED_A.secret_access_key)
-    status, body = await sim.call("keys/non_existing_key/encrypt", {}, cred=bad)
+    _, body = await sim.call("keys/non_existing_key/encrypt", {}, cred=bad)
     assert body["errorName"] == "AuthenticationFailedException"
 
 

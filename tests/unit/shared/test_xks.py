@@ -683,16 +683,26 @@ b64_like = (st.binary(max_size=40).map(lambda b: b64encode(b).decode())
             | st.binary(min_size=1, max_size=30).map(lambda b: urlsafe_b64encode(b).decode())
             | st.text(alphabet="ABCDabcd0123+/=-_ \n", max_size=12))
 field_value = b64_like | json_values
-metadata_value = st.fixed_dictionaries(
-    {},
-    optional={name: st.text(max_size=8) | json_values
-              for name in ("kmsRequestId", "kmsOperation", "awsPrincipalArn", "kmsKeyArn",
-                           "awsSourceVpc")},
+def _drop_some(full: dict[str, Any], drop: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in full.items() if k not in drop}
+
+
+METADATA_NAMES = ["kmsRequestId", "kmsOperation", "awsPrincipalArn", "kmsKeyArn",
+                  "awsSourceVpc"]
+# Every field present, then a random few dropped: near the valid shape, so that the fuzzer
+# reaches the deeper checks (and successful parses) as well as the early refusals.
+metadata_value = st.builds(
+    _drop_some,
+    st.fixed_dictionaries({name: st.text(min_size=1, max_size=8) | json_values
+                           for name in METADATA_NAMES}),
+    st.sets(st.sampled_from(METADATA_NAMES), max_size=2),
 ) | json_values
-# Bodies near the valid shape, so that the fuzzer reaches the deeper checks as well.
-near_valid_bodies = st.fixed_dictionaries(
-    {},
-    optional={
+BODY_NAMES = ["requestMetadata", "plaintext", "ciphertext", "encryptionAlgorithm",
+              "additionalAuthenticatedData", "ciphertextDataIntegrityValueAlgorithm",
+              "initializationVector", "authenticationTag", "ciphertextMetadata"]
+near_valid_bodies = st.builds(
+    _drop_some,
+    st.fixed_dictionaries({
         "requestMetadata": metadata_value,
         "plaintext": field_value,
         "ciphertext": field_value,
@@ -702,7 +712,8 @@ near_valid_bodies = st.fixed_dictionaries(
         "initializationVector": field_value,
         "authenticationTag": field_value,
         "ciphertextMetadata": field_value,
-    },
+    }),
+    st.sets(st.sampled_from(BODY_NAMES), max_size=3),
 )
 any_body = json_values | near_valid_bodies
 
