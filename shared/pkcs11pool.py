@@ -174,7 +174,6 @@ class PKCS11Pool:
         self._executor: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._pending = 0
-        self._lock = threading.Lock()
 
     @property
     def mode(self) -> DispatchMode:
@@ -245,7 +244,8 @@ class PKCS11Pool:
             ctx = self._local.ctx = SessionContext(self._open_session(login=False))
         return ctx
 
-    def _evict(self, ctx: SessionContext) -> None:
+    def _evict(self, ctx: SessionContext, cause: Exception) -> None:
+        log.warning("evicting a PKCS#11 session after %s", type(cause).__name__)
         if self._config.mode is DispatchMode.THREADS:
             self._local.ctx = None
             _close_quietly(ctx.session)
@@ -264,24 +264,23 @@ class PKCS11Pool:
             return fn(ctx)
         except _DATA_ERRORS as exc:
             raise HSMDataInvalid(type(exc).__name__) from None
-        except p11e.GeneralError:
-            # SoftHSMv2 answers a GCM tag mismatch with CKR_GENERAL_ERROR, and nShield uses
-            # CKR_FUNCTION_FAILED (aws-kms-xks-proxy PR #30): on decrypt both mean bad data.
+        except (p11e.GeneralError, p11e.FunctionFailed) as exc:
+            # SoftHSMv2 answers a GCM tag mismatch with CKR_GENERAL_ERROR and nShield with
+            # CKR_FUNCTION_FAILED (aws-kms-xks-proxy PR #30): on decrypt both mean bad data
+            # and the session is fine. Anywhere else they mean the session is suspect.
             if decrypting:
-                raise HSMDataInvalid("GeneralError on decrypt") from None
-            raise HSMError("the token reported a general error") from None
-        except p11e.FunctionFailed:
-            if decrypting:
-                raise HSMDataInvalid("FunctionFailed on decrypt") from None
-            raise HSMError("the token reported a failed function") from None
+                raise HSMDataInvalid(f"{type(exc).__name__} on decrypt") from None
+            self._evict(ctx, exc)
+            raise HSMError(f"the token reported {type(exc).__name__}") from None
         except p11e.ObjectHandleInvalid:
             ctx.forget_keys()
             raise HSMKeyMissing("a cached key object is gone") from None
         except _SESSION_ERRORS as exc:
-            log.warning("evicting PKCS#11 session after %s", type(exc).__name__)
-            self._evict(ctx)
+            self._evict(ctx, exc)
             raise HSMUnavailable(type(exc).__name__) from None
         except p11e.PKCS11Error as exc:
+            # Sessions survive data errors only; anything unexpected costs the session.
+            self._evict(ctx, exc)
             raise HSMError(type(exc).__name__) from None
 
     async def run(self, fn: Callable[[SessionContext], T], *, decrypting: bool = False) -> T:
@@ -293,16 +292,15 @@ class PKCS11Pool:
         """
         if self._executor is None:
             return self._call(fn, decrypting)
-        with self._lock:
-            if self._pending >= self._config.max_pending:
-                raise HSMPoolExhausted(f"{self._pending} PKCS#11 calls already waiting")
-            self._pending += 1
+        # Only the event loop thread touches the counter, so it needs no lock.
+        if self._pending >= self._config.max_pending:
+            raise HSMPoolExhausted(f"{self._pending} PKCS#11 calls already waiting")
+        self._pending += 1
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, self._call, fn, decrypting)
         finally:
-            with self._lock:
-                self._pending -= 1
+            self._pending -= 1
 
 
 def _close_quietly(session: Any) -> None:
