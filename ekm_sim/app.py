@@ -44,13 +44,15 @@ from shared.sigv4 import SigV4Error, SigV4Verifier
 from shared.tls import names_allowed, peer_names
 from shared.xks import ErrorName, XKSError
 
-__all__ = ["CONFIG", "KEYSTORE", "create_app"]
+__all__ = ["CONFIG", "KEYSTORE", "create_app", "reload_credentials"]
 
 CONFIG: Final = web.AppKey("config", Config)
 KEYSTORE: Final = web.AppKey("keystore", KeyStore)
 STORE: Final = web.AppKey("store", StoreConfig)
 VERIFIER: Final = web.AppKey("verifier", SigV4Verifier)
 BUCKET: Final = web.AppKey("bucket", TokenBucket)
+# Each store's verifier by URI prefix, so that credentials can be rotated while running.
+VERIFIERS: Final = web.AppKey("verifiers", dict)
 # What the request log records about this request, filled in as the request goes.
 LOG_FIELDS: Final = web.RequestKey("log_fields", dict)
 
@@ -268,11 +270,10 @@ async def ping(request: web.Request) -> web.Response:
     return web.Response(text=f"pong from ekm-sim {__version__}")
 
 
-def _store_app(store: StoreConfig) -> web.Application:
+def _store_app(store: StoreConfig, verifier: SigV4Verifier) -> web.Application:
     app = web.Application(middlewares=[_sigv4, _quota], client_max_size=_MAX_BODY)
     app[STORE] = store
-    app[VERIFIER] = SigV4Verifier(service=SERVICE, region=store.region,
-                                  credentials=store.credentials)
+    app[VERIFIER] = verifier
     if store.quota_rps > 0:
         app[BUCKET] = TokenBucket(rate=store.quota_rps, burst=max(1.0, store.quota_rps))
     app.router.add_post("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/metadata", get_key_metadata)
@@ -309,6 +310,28 @@ def create_app(config: Config, *, pool: PKCS11Pool | None = None) -> web.Applica
 
     app.cleanup_ctx.append(keystore_ctx)
     app.router.add_get("/ping", ping)
+    verifiers: dict[str, SigV4Verifier] = {}
     for store in config.stores:
-        app.add_subapp(store.base_path, _store_app(store))
+        verifiers[store.uri_prefix] = SigV4Verifier(service=SERVICE, region=store.region,
+                                                    credentials=store.credentials)
+        app.add_subapp(store.base_path, _store_app(store, verifiers[store.uri_prefix]))
+    app[VERIFIERS] = verifiers
     return app
+
+
+def reload_credentials(app: web.Application, config: Config) -> list[str]:
+    """Take each existing store's SigV4 credentials from ``config`` (spec L683-690: changes
+    SHOULD take effect without a restart). Other changes need a restart; the returned
+    warnings say which were ignored.
+    """
+    verifiers: dict[str, SigV4Verifier] = app[VERIFIERS]
+    warnings = []
+    for store in config.stores:
+        verifier = verifiers.get(store.uri_prefix)
+        if verifier is None:
+            warnings.append(f"new store {store.uri_prefix!r} needs a restart")
+        else:
+            verifier.set_credentials(store.credentials)
+    for prefix in verifiers.keys() - {s.uri_prefix for s in config.stores}:
+        warnings.append(f"store {prefix!r} was removed from the config; it stays until restart")
+    return warnings

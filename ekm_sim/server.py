@@ -13,8 +13,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ekm_sim.app import create_app, ping
-from ekm_sim.config import Config
+from ekm_sim.app import create_app, ping, reload_credentials
+from ekm_sim.config import Config, ConfigError, load
 from shared.tls import server_context
 
 __all__ = ["serve"]
@@ -46,7 +46,8 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _run(config: Config, port: int, port_file: Path | None) -> None:
+async def _run(config: Config, config_path: Path, port: int, port_file: Path | None,
+               children: list[subprocess.Popen[bytes]]) -> None:
     if config.hsm.softhsm_conf is not None:
         # The SoftHSM module reads this when it loads, which happens in create_app's context.
         os.environ["SOFTHSM2_CONF"] = str(config.hsm.softhsm_conf)
@@ -56,7 +57,8 @@ async def _run(config: Config, port: int, port_file: Path | None) -> None:
         ssl_ctx = server_context(cert=config.tls.cert, key=config.tls.key,
                                  client_ca=config.tls.client_ca,
                                  require_client_cert=config.tls.require_client_cert)
-    runner = web.AppRunner(create_app(config), access_log=None, handle_signals=False)
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, port, ssl_context=ssl_ctx,
                        reuse_port=True, backlog=1024)
@@ -80,6 +82,20 @@ async def _run(config: Config, port: int, port_file: Path | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        for child in children:
+            child.send_signal(signal.SIGHUP)
+        try:
+            warnings = reload_credentials(app, load(config_path))
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded: %s", exc)
+            return
+        for warning in warnings:
+            log.warning("SIGHUP: %s", warning)
+        log.info("SIGHUP: SigV4 credentials reloaded from %s", config_path)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     if ping_runner is not None:
         await ping_runner.cleanup()
@@ -88,22 +104,23 @@ async def _run(config: Config, port: int, port_file: Path | None) -> None:
 
 def serve(config: Config, *, config_path: Path, port_file: Path | None = None,
           worker_port: int | None = None) -> None:
-    """Serve until SIGTERM/SIGINT. With ``server.workers > 1`` the first process starts the
-    others (fresh interpreters: PKCS#11 state must not cross a fork) on the same port.
+    """Serve until SIGTERM/SIGINT; SIGHUP re-reads the SigV4 credentials. With
+    ``server.workers > 1`` the first process starts the others (fresh interpreters: PKCS#11
+    state must not cross a fork) on the same port and forwards SIGHUP to them.
     """
     configure_logging(config)
     if worker_port is not None:
-        asyncio.run(_run(config, worker_port, None))
+        asyncio.run(_run(config, config_path, worker_port, None, []))
         return
     reserved = _reserve_port(config.server.host, config.server.port)
     port = reserved.getsockname()[1]
-    children = [
+    children: list[subprocess.Popen[bytes]] = [
         subprocess.Popen([sys.executable, "-m", "ekm_sim.cli", "serve", "--config",
                           str(config_path), "--worker-port", str(port)])
         for _ in range(config.server.workers - 1)
     ]
     try:
-        asyncio.run(_run(config, port, port_file))
+        asyncio.run(_run(config, config_path, port, port_file, children))
     finally:
         reserved.close()
         for child in children:

@@ -87,11 +87,17 @@ class SigV4Verifier:
     ) -> None:
         self._service = service
         self._region = region
-        self._secrets = {c.access_key_id: c.secret_access_key for c in credentials}
-        self._max_skew = max_skew
-        self._clock = clock
+        self._secrets: dict[str, str] = {}
+        self.set_credentials(credentials)
         # Deriving a signing key takes four HMACs; it changes only with the date.
         self._signing_keys: dict[tuple[str, str], bytes] = {}
+        self._max_skew = max_skew
+        self._clock = clock
+
+    def set_credentials(self, credentials: Iterable[Credential]) -> None:
+        """Replace the accepted credentials (rotation without a restart)."""
+        self._secrets = {c.access_key_id: c.secret_access_key for c in credentials}
+        self._signing_keys = {}
 
     def _signing_key(self, access_key_id: str, secret: str, date: str) -> bytes:
         cached = self._signing_keys.get((access_key_id, date))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,29 @@ async def test_keys_lifecycle_against_the_running_server(stack: dict[str, Any]) 
         failed = run("keys", "delete", "scratch", *config, check=False)
         assert failed.returncode == 2 and "no key 'scratch'" in failed.stderr
     finally:
+        await client.session.close()
+
+
+async def test_sighup_rotates_credentials(stack: dict[str, Any]) -> None:
+    config_path = Path(stack["config"])
+    original = config_path.read_text()
+    second = tomllib.loads(original)["stores"][0]["credentials"][1]
+    new = Credential("SIGHUPROTATEDKEYSIGHUP23",
+                     "c2lnaHVwLXJvdGF0ZWQtc2VjcmV0LWZvci10ZXN0cy0wMA==")
+    client = Client(stack)
+    try:
+        client.cred = Credential(second["access_key_id"], second["secret_access_key"])
+        assert (await client.encrypt("foo", b"x"))[0] == 200
+        config_path.write_text(original.replace(second["access_key_id"], new.access_key_id)
+                               .replace(second["secret_access_key"], new.secret_access_key))
+        os.kill(stack["pid"], signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert (await client.encrypt("foo", b"x"))[0] == 401
+        client.cred = new
+        assert (await client.encrypt("foo", b"x"))[0] == 200
+    finally:
+        config_path.write_text(original)
+        os.kill(stack["pid"], signal.SIGHUP)
         await client.session.close()
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from ekm_sim.admin import KeyAdmin, KeyUsage
-from ekm_sim.app import KEYSTORE
+from ekm_sim.app import KEYSTORE, reload_credentials
 from ekm_sim.config import Config, HealthConfig, LimitsConfig
 from ekm_sim.registry import KeyRegistry
 from shared.pkcs11pool import PKCS11Pool
@@ -273,6 +273,20 @@ async def test_two_stores_have_separate_credentials(start_sim: StartSim,
 async def test_both_credentials_of_a_store_work(sim: Sim) -> None:
     for cred in (CRED_A, CRED_B):
         assert (await sim.encrypt("foo", b"x", cred=cred))[0] == 200
+
+
+async def test_credentials_rotate_without_restart(sim: Sim,
+                                                   make_config: Callable[..., Config]) -> None:
+    new = Credential("ROTATEDROTATEDROTATED234",
+                     "cm90YXRlZC1zZWNyZXQtZm9yLXRlc3RzLTAwMDAwMDAwMA==")
+    assert (await sim.encrypt("foo", b"x", cred=new))[0] == 401
+    warnings = reload_credentials(sim.app, make_config(stores=(store(credentials=(CRED_A, new)),
+                                                               store(uri_prefix="extra"))))
+    assert warnings == ["new store 'extra' needs a restart"]
+    assert (await sim.encrypt("foo", b"x", cred=new))[0] == 200
+    assert (await sim.encrypt("foo", b"x", cred=CRED_A))[0] == 200
+    status, body = await sim.encrypt("foo", b"x", cred=CRED_B)
+    assert (status, body["errorName"]) == (401, "AuthenticationFailedException")
 
 
 @pytest.mark.parametrize("cred", [
