@@ -149,30 +149,44 @@ def _parse_env_value(raw: str) -> Any:
 
 
 def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``EKM_SIM__A__B=...`` variables onto the parsed TOML tree."""
+    """Overlay ``EKM_SIM__A__B=...`` variables onto the parsed TOML tree.
+
+    :raises ConfigError: for a variable whose path does not fit the tree.
+    """
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
-        node: Any = data
-        for i, part in enumerate(path[:-1]):
-            nxt_is_index = path[i + 1].isdigit()
-            if isinstance(node, list):
-                index = int(part)
-                while len(node) <= index:
-                    node.append({})
-                node = node[index]
-            else:
-                node = node.setdefault(part, [] if nxt_is_index else {})
-        last = path[-1]
-        if isinstance(node, list):
-            index = int(last)
-            while len(node) <= index:
-                node.append(None)
-            node[index] = _parse_env_value(raw)
-        else:
-            node[last] = _parse_env_value(raw)
+        try:
+            _set_path(data, path, _parse_env_value(raw))
+        except (ValueError, TypeError, IndexError):
+            raise ConfigError(f"{name} does not name a value of the configuration "
+                              "(tables by name, arrays by index)") from None
     return data
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            index = int(part)
+            while len(node) <= index:
+                node.append({})
+            node = node[index]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, [] if path[i + 1].isdigit() else {})
+        else:
+            raise TypeError("a scalar has no members")
+    last = path[-1]
+    if isinstance(node, list):
+        index = int(last)
+        while len(node) <= index:
+            node.append(None)
+        node[index] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise TypeError("a scalar has no members")
 
 
 class _Reader:
@@ -194,6 +208,9 @@ class _Reader:
         value = self.data[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if kind is str and isinstance(value, int) and not isinstance(value, bool):
+            # EKM_SIM__HSM__USER_PIN=1234 parses as a TOML integer; a PIN is still text.
+            value = str(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{self._name(key)} must be a {kind.__name__}")
         return value
@@ -225,8 +242,12 @@ def _server(r: _Reader) -> ServerConfig:
     r.check(0 <= port <= 65535, "port", "must be 0-65535")
     r.check(1 <= workers <= 64, "workers", "must be 1-64")
     ping = r.get("ping_port", int)
+    r.check(ping is None or 1 <= ping <= 65535, "ping_port", "must be 1-65535")
+    request_log = r.get("request_log", str, "-")
+    if request_log not in ("-", "off"):
+        request_log = str(r.path("request_log"))
     return ServerConfig(host=r.get("host", str, "127.0.0.1"), port=port, workers=workers,
-                        request_log=r.get("request_log", str, "-"), ping_port=ping)
+                        request_log=request_log, ping_port=ping)
 
 
 def _tls(r: _Reader) -> TLSConfig:
@@ -253,6 +274,8 @@ def _hsm(r: _Reader) -> HSMConfig:
     r.check(iv_source in ("hsm", "os"), "iv_source", "must be 'hsm' or 'os'")
     workers = r.get("workers", int, 2)
     r.check(1 <= workers <= 64, "workers", "must be 1-64")
+    max_pending = r.get("max_pending", int, 256)
+    r.check(max_pending >= 1, "max_pending", "must be at least 1")
     return HSMConfig(
         module=r.get("module", str, DEFAULT_MODULE),
         token_label=r.get("token_label", str, "ekm-sim"),
@@ -261,7 +284,7 @@ def _hsm(r: _Reader) -> HSMConfig:
         softhsm_conf=r.path("softhsm_conf"),
         mode=DispatchMode(mode),
         workers=workers,
-        max_pending=r.get("max_pending", int, 256),
+        max_pending=max_pending,
         iv_source=iv_source,
     )
 
@@ -290,7 +313,8 @@ def _health(r: _Reader) -> HealthConfig:
 
 def _store(r: _Reader) -> StoreConfig:
     prefix = r.get("uri_prefix", str, required=True).strip("/")
-    r.check(bool(_PREFIX.fullmatch(prefix)), "uri_prefix", "must be <=110 chars of [a-zA-Z0-9/_-]")
+    r.check(bool(_PREFIX.fullmatch(prefix)) and "//" not in prefix, "uri_prefix",
+            "must be <=110 chars of [a-zA-Z0-9/_-] without empty segments")
     raw_creds = r.get("credentials", list, required=True)
     creds = []
     for i, raw in enumerate(raw_creds):

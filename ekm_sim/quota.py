@@ -27,7 +27,8 @@ class TokenBucket:
         now = self._clock()
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
         self._at = now
-        if self._tokens >= 1:
+        # The epsilon absorbs float rounding of many small refills (ten 0.1 steps != 1.0).
+        if self._tokens >= 1 - 1e-9:
             self._tokens -= 1
             return True
         return False

@@ -49,9 +49,21 @@ class KeyRecord:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> KeyRecord:
-        return cls(key_id=str(data["key_id"]), enabled=bool(data["enabled"]),
-                   versions=tuple(int(v) for v in data["versions"]),
-                   created=str(data["created"]))
+        """:raises RegistryError: if a field is missing or of the wrong type."""
+        if not isinstance(data, dict):
+            raise RegistryError("a key record must be an object")
+        enabled, versions = data.get("enabled"), data.get("versions")
+        if not isinstance(enabled, bool):
+            raise RegistryError("enabled must be true or false")
+        if (not isinstance(versions, list) or not versions
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                           for v in versions)
+                or versions != sorted(set(versions))):
+            raise RegistryError("versions must be a non-empty ascending list of integers")
+        if not isinstance(data.get("key_id"), str) or not isinstance(data.get("created"), str):
+            raise RegistryError("key_id and created must be strings")
+        return cls(key_id=data["key_id"], enabled=enabled, versions=tuple(versions),
+                   created=data["created"])
 
 
 class KeyRegistry:
@@ -119,8 +131,14 @@ class KeyRegistry:
 def _read(path: Path) -> dict[str, KeyRecord]:
     try:
         data = json.loads(path.read_text())
-        if data.get("format") != _FORMAT:
-            raise RegistryError(f"{path}: unknown registry format {data.get('format')!r}")
-        return {k: KeyRecord.from_json(v) for k, v in data["keys"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise RegistryError(f"cannot read key registry {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        raise RegistryError(f"{path}: not a key registry of format {_FORMAT}")
+    keys = data.get("keys")
+    if not isinstance(keys, dict):
+        raise RegistryError(f"{path}: keys must be an object")
+    try:
+        return {k: KeyRecord.from_json(v) for k, v in keys.items()}
+    except RegistryError as exc:
+        raise RegistryError(f"{path}: {exc}") from None

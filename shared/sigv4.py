@@ -149,7 +149,7 @@ class SigV4Verifier:
         payload_hash = hashlib.sha256(body).hexdigest()
         canonical_request = "\n".join((
             method,
-            quote(raw_path, safe="/~"),
+            quote(_normalize_path(raw_path), safe="/~"),
             _canonical_query(query_string),
             canonical_headers,
             match["signed"],
@@ -168,6 +168,23 @@ class SigV4Verifier:
         if not hmac.compare_digest(expected, match["signature"].lower()) or secret is None:
             raise SigV4Error("the access key id or signature is not valid")
         return access_key_id
+
+
+def _normalize_path(path: str) -> str:
+    """The canonical URI path for services other than S3: dot segments removed (RFC 3986
+    section 5.2.4) and empty segments collapsed, as AWS signers (botocore) do before signing.
+    """
+    if not path:
+        return "/"
+    out: list[str] = []
+    for segment in path.split("/"):
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment and segment != ".":
+            out.append(segment)
+    trailing = "/" if path.endswith("/") and out else ""
+    return "/" + "/".join(out) + trailing
 
 
 def _has(headers: Headers, name: str) -> bool:

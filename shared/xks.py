@@ -317,8 +317,10 @@ class EncryptResponse:
             raise _invalid("initializationVector or authenticationTag has a wrong length")
         if ctm is not None and len(ctm) > MAX_CTM_BYTES:
             raise _invalid(f"ciphertextMetadata is longer than {MAX_CTM_BYTES} bytes")
-        return cls(ciphertext, iv, tag, ctm, _b64field(body, "ciphertextDataIntegrityValue",
-                                                       required=False))
+        integrity = _b64field(body, "ciphertextDataIntegrityValue", required=False)
+        if integrity is not None and len(integrity) != hashlib.sha256().digest_size:
+            raise _invalid("ciphertextDataIntegrityValue is not a SHA-256 digest")
+        return cls(ciphertext, iv, tag, ctm, integrity)
 
 
 @dataclass(frozen=True, slots=True)

@@ -683,6 +683,8 @@ b64_like = (st.binary(max_size=40).map(lambda b: b64encode(b).decode())
             | st.binary(min_size=1, max_size=30).map(lambda b: urlsafe_b64encode(b).decode())
             | st.text(alphabet="ABCDabcd0123+/=-_ \n", max_size=12))
 field_value = b64_like | json_values
+
+
 def _drop_some(full: dict[str, Any], drop: set[str]) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k not in drop}
 
