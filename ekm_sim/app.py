@@ -36,10 +36,10 @@ from ekm_sim.errors import (
     TooLarge,
 )
 from ekm_sim.keystore import KeyStore
-from ekm_sim.quota import TokenBucket
 from ekm_sim.registry import KeyRegistry, RegistryError
 from shared import xks
 from shared.pkcs11pool import PKCS11Pool
+from shared.ratelimit import TokenBucket
 from shared.sigv4 import SigV4Error, SigV4Verifier
 from shared.tls import names_allowed, peer_names
 from shared.xks import ErrorName, XKSError

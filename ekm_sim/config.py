@@ -10,9 +10,7 @@ Everything is checked once at start-up; an error names the field. Nothing reads
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any, Final
 
 from shared.pkcs11pool import DispatchMode, PoolConfig
 from shared.sigv4 import ACCESS_KEY_ID_PATTERN, SECRET_PATTERN, Credential
+from shared.tomlconfig import ConfigError, TableReader, read_toml
 from shared.xks import MAX_AAD_BYTES, MIN_AAD_BYTES, MIN_PLAINTEXT_BYTES
 
 __all__ = [
@@ -41,10 +40,6 @@ DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
 # the trailing /kms/xks/v1 and without a leading slash, as the public test client takes it.
 _PREFIX: Final = re.compile(r"[a-zA-Z0-9/_-]{0,110}")
 _KEY_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid. The message names the field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,102 +136,7 @@ class Config:
     health: HealthConfig = HealthConfig()
 
 
-def _parse_env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``EKM_SIM__A__B=...`` variables onto the parsed TOML tree.
-
-    :raises ConfigError: for a variable whose path does not fit the tree.
-    """
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
-        try:
-            _set_path(data, path, _parse_env_value(raw))
-        except (ValueError, TypeError, IndexError):
-            raise ConfigError(f"{name} does not name a value of the configuration "
-                              "(tables by name, arrays by index)") from None
-    return data
-
-
-def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        if isinstance(node, list):
-            index = int(part)
-            while len(node) <= index:
-                node.append({})
-            node = node[index]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, [] if path[i + 1].isdigit() else {})
-        else:
-            raise TypeError("a scalar has no members")
-    last = path[-1]
-    if isinstance(node, list):
-        index = int(last)
-        while len(node) <= index:
-            node.append(None)
-        node[index] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise TypeError("a scalar has no members")
-
-
-class _Reader:
-    """Typed access to one TOML table, naming fields in errors."""
-
-    def __init__(self, data: Any, where: str, base: Path) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where or 'config'} must be a table")
-        self.data, self.where, self.base = data, where, base
-
-    def _name(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def get(self, key: str, kind: type, default: Any = None, *, required: bool = False) -> Any:
-        if key not in self.data:
-            if required:
-                raise ConfigError(f"{self._name(key)} is required")
-            return default
-        value = self.data[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is str and isinstance(value, int) and not isinstance(value, bool):
-            # EKM_SIM__HSM__USER_PIN=1234 parses as a TOML integer; a PIN is still text.
-            value = str(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{self._name(key)} must be a {kind.__name__}")
-        return value
-
-    def path(self, key: str, *, required: bool = False) -> Path | None:
-        value = self.get(key, str, required=required)
-        if value is None:
-            return None
-        p = Path(value)
-        return p if p.is_absolute() else (self.base / p).resolve()
-
-    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
-        value = self.get(key, list, list(default))
-        if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{self._name(key)} must be a list of strings")
-        return tuple(value)
-
-    def table(self, key: str) -> _Reader:
-        return _Reader(self.data.get(key, {}), self._name(key), self.base)
-
-    def check(self, ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise ConfigError(f"{self._name(key)} {why}")
-
-
-def _server(r: _Reader) -> ServerConfig:
+def _server(r: TableReader) -> ServerConfig:
     port = r.get("port", int, 8443)
     workers = r.get("workers", int, 1)
     r.check(0 <= port <= 65535, "port", "must be 0-65535")
@@ -250,7 +150,7 @@ def _server(r: _Reader) -> ServerConfig:
                         request_log=request_log, ping_port=ping)
 
 
-def _tls(r: _Reader) -> TLSConfig:
+def _tls(r: TableReader) -> TLSConfig:
     enabled = r.get("enabled", bool, True)
     tls = TLSConfig(
         enabled=enabled,
@@ -267,7 +167,7 @@ def _tls(r: _Reader) -> TLSConfig:
     return tls
 
 
-def _hsm(r: _Reader) -> HSMConfig:
+def _hsm(r: TableReader) -> HSMConfig:
     mode = r.get("mode", str, "inline")
     r.check(mode in set(DispatchMode), "mode", f"must be one of {sorted(DispatchMode)}")
     iv_source = r.get("iv_source", str, "hsm")
@@ -289,7 +189,7 @@ def _hsm(r: _Reader) -> HSMConfig:
     )
 
 
-def _limits(r: _Reader) -> LimitsConfig:
+def _limits(r: TableReader) -> LimitsConfig:
     limits = LimitsConfig(
         max_plaintext_bytes=r.get("max_plaintext_bytes", int, 65536),
         max_aad_bytes=r.get("max_aad_bytes", int, MAX_AAD_BYTES),
@@ -301,7 +201,7 @@ def _limits(r: _Reader) -> LimitsConfig:
     return limits
 
 
-def _health(r: _Reader) -> HealthConfig:
+def _health(r: TableReader) -> HealthConfig:
     health = HealthConfig(
         test_key=r.get("test_key", str, "ekm-sim.health-probe"),
         cache_seconds=r.get("cache_seconds", float, 10.0),
@@ -311,14 +211,14 @@ def _health(r: _Reader) -> HealthConfig:
     return health
 
 
-def _store(r: _Reader) -> StoreConfig:
+def _store(r: TableReader) -> StoreConfig:
     prefix = r.get("uri_prefix", str, required=True).strip("/")
     r.check(bool(_PREFIX.fullmatch(prefix)) and "//" not in prefix, "uri_prefix",
             "must be <=110 chars of [a-zA-Z0-9/_-] without empty segments")
     raw_creds = r.get("credentials", list, required=True)
     creds = []
     for i, raw in enumerate(raw_creds):
-        c = _Reader(raw, f"{r.where}.credentials[{i}]", r.base)
+        c = TableReader(raw, f"{r.where}.credentials[{i}]", r.base)
         ak = c.get("access_key_id", str, required=True)
         sk = c.get("secret_access_key", str, required=True)
         c.check(bool(ACCESS_KEY_ID_PATTERN.fullmatch(ak)), "access_key_id",
@@ -341,9 +241,9 @@ def _store(r: _Reader) -> StoreConfig:
 
 def parse(data: dict[str, Any], base: Path) -> Config:
     """Build a checked ``Config`` from a TOML tree. :raises ConfigError: naming the field."""
-    root = _Reader(data, "", base)
+    root = TableReader(data, "", base)
     raw_stores = root.get("stores", list, required=True)
-    stores = tuple(_store(_Reader(s, f"stores[{i}]", base)) for i, s in enumerate(raw_stores))
+    stores = tuple(_store(TableReader(s, f"stores[{i}]", base)) for i, s in enumerate(raw_stores))
     root.check(bool(stores), "stores", "needs at least one key store")
     prefixes = [s.uri_prefix for s in stores]
     root.check(len(set(prefixes)) == len(prefixes), "stores", "has a repeated uri_prefix")
@@ -369,9 +269,4 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
 
     :raises ConfigError: naming the bad field.
     """
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    data = apply_env(data, os.environ if env is None else env)
-    return parse(data, path.resolve().parent)
+    return parse(read_toml(path, ENV_PREFIX, env), path.resolve().parent)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ekm_sim.quota import TokenBucket
+from shared.ratelimit import TokenBucket
 from ekm_sim.registry import KeyRecord, KeyRegistry, RegistryError
 
 

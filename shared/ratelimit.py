@@ -1,4 +1,4 @@
-"""A token bucket for per-prefix request quotas (spec 0.0.22: ThrottlingException)."""
+"""A token bucket for request quotas (XKS per-prefix quotas, KMS instance QPS)."""
 
 from __future__ import annotations
 
