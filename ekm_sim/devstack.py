@@ -11,17 +11,15 @@ import base64
 import json
 import os
 import secrets
-import signal
 import ssl
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Final
 
 from ekm_sim.admin import AdminError, write_softhsm_conf
 from shared.certs import DevCA
+from shared.serving import BackgroundError, start_background, stop_process, write_atomically
 
 __all__ = ["TEST_CLIENT_CREDENTIAL", "down", "make_certs", "up"]
 
@@ -97,14 +95,16 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
         if key_id not in existing:
             _cli("keys", "create", key_id, "--usage", usage, env=env)
 
-    port_file = workdir / "ekm-sim.port"
-    port_file.unlink(missing_ok=True)
-    log = open(workdir / "ekm-sim.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ekm_sim.cli", "serve", "--port-file", str(port_file)],
-        env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()
-    bound = _wait_ready(process, port_file, certs, timeout)
+    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+    ctx.load_cert_chain(str(certs["client_cert"]), str(certs["client_key"]))
+    try:
+        process, bound = start_background(
+            [sys.executable, "-m", "ekm_sim.cli", "serve", "--port-file",
+             str(workdir / "ekm-sim.port")],
+            env=env, log_path=workdir / "ekm-sim.log", port_file=workdir / "ekm-sim.port",
+            health_path="/ping", ssl_context=ctx, timeout=timeout)
+    except BackgroundError as exc:
+        raise AdminError(str(exc)) from None
     info = {
         "url": f"https://127.0.0.1:{bound}",
         "uri_prefix": URI_PREFIX,
@@ -119,33 +119,8 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
         "config": str(config_path),
         "log": str(workdir / "ekm-sim.log"),
     }
-    tmp = info_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.chmod(0o600)
-    tmp.replace(info_path)
+    write_atomically(info_path, json.dumps(info, indent=2) + "\n", mode=0o600)
     return info
-
-
-def _wait_ready(process: subprocess.Popen[bytes], port_file: Path, certs: dict[str, Path],
-                timeout: float) -> int:
-    ctx = ssl.create_default_context(cafile=str(certs["ca"]))
-    ctx.load_cert_chain(str(certs["client_cert"]), str(certs["client_key"]))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AdminError(f"ekm-sim serve exited with {process.returncode}; see its log")
-        if port_file.exists():
-            port = int(port_file.read_text())
-            try:
-                with urllib.request.urlopen(
-                        f"https://127.0.0.1:{port}/ping", context=ctx, timeout=2) as resp:
-                    if resp.status == 200:
-                        return port
-            except OSError:
-                pass
-        time.sleep(0.1)
-    process.terminate()
-    raise AdminError(f"ekm-sim did not come up within {timeout:.0f}s")
 
 
 def _config_text(workdir: Path, certs: dict[str, Path], conf: Path,
@@ -195,16 +170,5 @@ def down(workdir: Path, *, timeout: float = 15.0) -> None:
     info_path = workdir.resolve() / "ekm.json"
     if not info_path.exists():
         return
-    pid = int(json.loads(info_path.read_text())["pid"])
-    if _alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.05)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    stop_process(int(json.loads(info_path.read_text())["pid"]), timeout=timeout)
     info_path.unlink()

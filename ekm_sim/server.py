@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ekm_sim.app import create_app, ping, reload_credentials
 from ekm_sim.config import Config, ConfigError, load
+from shared.serving import serve_app
 from shared.tls import server_context
 
 __all__ = ["serve"]
@@ -57,33 +58,13 @@ async def _run(config: Config, config_path: Path, port: int, port_file: Path | N
         ssl_ctx = server_context(cert=config.tls.cert, key=config.tls.key,
                                  client_ca=config.tls.client_ca,
                                  require_client_cert=config.tls.require_client_cert)
-    app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, port, ssl_context=ssl_ctx,
-                       reuse_port=True, backlog=1024)
-    await site.start()
-    ping_runner = None
+    extra = []
     if config.server.ping_port is not None:
         ping_app = web.Application()
         ping_app.router.add_get("/ping", ping)
-        ping_runner = web.AppRunner(ping_app, access_log=None, handle_signals=False)
-        await ping_runner.setup()
-        await web.TCPSite(ping_runner, config.server.host, config.server.ping_port,
-                          reuse_port=True).start()
-    if port_file is not None:
-        tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(str(port))
-        tmp.replace(port_file)
-    scheme = "https" if ssl_ctx else "http"
-    log.info("ekm-sim listening on %s://%s:%d (pid %d)", scheme, config.server.host, port,
-             os.getpid())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        extra.append((ping_app, config.server.ping_port))
 
-    def reload() -> None:
+    def reload(app: web.Application) -> None:
         for child in children:
             child.send_signal(signal.SIGHUP)
         try:
@@ -95,11 +76,9 @@ async def _run(config: Config, config_path: Path, port: int, port_file: Path | N
             log.warning("SIGHUP: %s", warning)
         log.info("SIGHUP: SigV4 credentials reloaded from %s", config_path)
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    await stop.wait()
-    if ping_runner is not None:
-        await ping_runner.cleanup()
-    await runner.cleanup()
+    await serve_app(create_app(config), name="ekm-sim", host=config.server.host, port=port,
+                    ssl_context=ssl_ctx, port_file=port_file, reuse_port=True,
+                    extra_sites=extra, on_hangup=reload)
 
 
 def serve(config: Config, *, config_path: Path, port_file: Path | None = None,

@@ -1,0 +1,128 @@
+"""Running a service: listen, report the bound port, stop on a signal; and starting one in
+the background for dev stacks. Both services use it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+__all__ = ["BackgroundError", "serve_app", "start_background", "stop_process", "write_atomically"]
+
+log = logging.getLogger("shared.serving")
+
+
+class BackgroundError(Exception):
+    """A background service did not come up; the message says why."""
+
+
+def write_atomically(path: Path, text: str, *, mode: int = 0o644) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+async def serve_app(app: web.Application, *, name: str, host: str, port: int,
+                    ssl_context: ssl.SSLContext | None, port_file: Path | None = None,
+                    reuse_port: bool = False,
+                    extra_sites: Sequence[tuple[web.Application, int]] = (),
+                    on_hangup: Callable[[web.Application], None] | None = None) -> None:
+    """Serve ``app`` (and plain-HTTP ``extra_sites``) until SIGTERM or SIGINT.
+
+    The bound port (useful with ``port=0``) is written to ``port_file`` once listening;
+    SIGHUP calls ``on_hangup``.
+    """
+    runners = []
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    runners.append(runner)
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port,
+                      backlog=1024).start()
+    bound = int(runner.addresses[0][1])
+    for extra_app, extra_port in extra_sites:
+        extra = web.AppRunner(extra_app, access_log=None, handle_signals=False)
+        await extra.setup()
+        runners.append(extra)
+        await web.TCPSite(extra, host, extra_port, reuse_port=reuse_port).start()
+    if port_file is not None:
+        write_atomically(port_file, str(bound))
+    log.info("%s listening on %s://%s:%d (pid %d)", name, "https" if ssl_context else "http",
+             host, bound, os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup, app)
+    try:
+        await stop.wait()
+    finally:
+        for each in reversed(runners):
+            await each.cleanup()
+
+
+def start_background(command: Sequence[str], *, env: dict[str, str], log_path: Path,
+                     port_file: Path, health_path: str, ssl_context: ssl.SSLContext,
+                     timeout: float = 60.0) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``command`` detached, wait until ``port_file`` names a port whose
+    ``https://127.0.0.1:<port><health_path>`` answers 200, and return the process and port.
+
+    :raises BackgroundError: if the process exits or is not ready within ``timeout``.
+    """
+    port_file.unlink(missing_ok=True)
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(list(command), env=env, stdout=log_file, stderr=log_file,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BackgroundError(f"{command[0]} exited with {process.returncode}; "
+                                  f"see {log_path}")
+        if port_file.exists():
+            port = int(port_file.read_text())
+            try:
+                with urllib.request.urlopen(
+                        f"https://127.0.0.1:{port}{health_path}", context=ssl_context,
+                        timeout=2) as response:
+                    if response.status == 200:
+                        return process, port
+            except OSError:
+                pass
+        time.sleep(0.1)
+    process.terminate()
+    raise BackgroundError(f"{command[0]} did not come up within {timeout:.0f}s; "
+                          f"see {log_path}")
+
+
+def stop_process(pid: int, *, timeout: float = 15.0) -> None:
+    """SIGTERM, wait, then SIGKILL; a no-op for a process that is gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
