@@ -1,0 +1,1 @@
+"""The KMS front: an Alibaba-compatible KMS API over external key managers."""

@@ -1,0 +1,1 @@
+"""The Alibaba Cloud KMS OpenAPI edge."""

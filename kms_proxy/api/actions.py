@@ -1,0 +1,411 @@
+"""The table from Alibaba ``Action`` to handler. Each handler parses typed parameters, makes
+one core call and serialises the answer with the field names the official SDK maps."""
+
+from __future__ import annotations
+
+from base64 import b64encode
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+from kms_proxy.api.params import Params
+from kms_proxy.core.errors import UnsupportedOperation
+from kms_proxy.core.model import Alias, Instance, Key, KeySpec, KeyUsage, Origin, Principal
+from kms_proxy.core.service import KeyService, Page
+
+__all__ = ["ACTIONS", "Action", "Call"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    service: KeyService
+    principal: Principal
+    params: Params
+
+
+Handler = Callable[[Call], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    handler: Handler
+    # Documented parameters (required ones first), for the OpenAPI description.
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    summary: str = ""
+
+
+def _b64(data: bytes) -> str:
+    return b64encode(data).decode()
+
+
+def key_metadata(key: Key, *, describe: bool = False) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "KeyId": key.key_id,
+        "Arn": key.arn,
+        "KeySpec": key.spec.value,
+        "KeyUsage": key.usage.value,
+        "KeyState": key.state.value,
+        "Origin": key.origin.value,
+        "ProtectionLevel": key.protection_level.value,
+        "CreationDate": key.created,
+        "Creator": key.creator,
+        "Description": key.description,
+        "PrimaryKeyVersion": key.primary_version_id,
+        "AutomaticRotation": "Disabled",
+        "LastRotationDate": key.created,
+        "MaterialExpireTime": "",
+    }
+    if key.instance_id:
+        metadata["DKMSInstanceId"] = key.instance_id
+    if key.delete_date:
+        metadata["DeleteDate"] = key.delete_date
+    if describe:
+        metadata["DeletionProtection"] = "Enabled" if key.deletion_protection else "Disabled"
+        metadata["DeletionProtectionDescription"] = key.deletion_protection_description
+    return metadata
+
+
+def _paged(page: Page[Any], outer: str, inner: str, rows: list[dict[str, Any]]
+           ) -> dict[str, Any]:
+    return {outer: {inner: rows}, "PageNumber": page.page_number,
+            "PageSize": page.page_size, "TotalCount": page.total}
+
+
+def _alias_row(alias: Alias) -> dict[str, str]:
+    return {"AliasName": alias.name, "AliasArn": alias.arn, "KeyId": alias.key_id}
+
+
+def _instance_arn(instance: Instance) -> str:
+    return f"acs:kms:{instance.region}:{instance.account_id}:keystore/{instance.instance_id}"
+
+
+# -- key lifecycle ---------------------------------------------------------------------
+
+async def create_key(c: Call) -> dict[str, Any]:
+    p = c.params
+    key = await c.service.create_key(
+        c.principal,
+        spec=p.enum("KeySpec", KeySpec, default=KeySpec.AES_256) or KeySpec.AES_256,
+        usage=p.enum("KeyUsage", KeyUsage),
+        origin=p.enum("Origin", Origin, default=Origin.ALIYUN_KMS) or Origin.ALIYUN_KMS,
+        instance_id=p.optional_text("DKMSInstanceId", max_len=128),
+        description=p.get("Description") or "",
+        tags=p.tags("Tags"))
+    return {"KeyMetadata": key_metadata(key)}
+
+
+async def describe_key(c: Call) -> dict[str, Any]:
+    key = await c.service.describe_key(c.principal, c.params.text("KeyId"))
+    return {"KeyMetadata": key_metadata(key, describe=True)}
+
+
+async def list_keys(c: Call) -> dict[str, Any]:
+    number, size = c.params.page()
+    page = await c.service.list_keys(c.principal, filters=c.params.filters("Filters"),
+                                     page_number=number, page_size=size)
+    return _paged(page, "Keys", "Key", [{"KeyId": k.key_id, "KeyArn": k.arn}
+                                        for k in page.items])
+
+
+async def enable_key(c: Call) -> dict[str, Any]:
+    await c.service.set_enabled(c.principal, c.params.text("KeyId"), True)
+    return {}
+
+
+async def disable_key(c: Call) -> dict[str, Any]:
+    await c.service.set_enabled(c.principal, c.params.text("KeyId"), False)
+    return {}
+
+
+async def update_key_description(c: Call) -> dict[str, Any]:
+    description = c.params.get("Description")
+    if description is None:
+        c.params.text("Description")  # raises MissingParameter
+    await c.service.update_key_description(c.principal, c.params.text("KeyId"),
+                                           description or "")
+    return {}
+
+
+# -- aliases ---------------------------------------------------------------------------
+
+async def create_alias(c: Call) -> dict[str, Any]:
+    await c.service.create_alias(c.principal, c.params.text("AliasName", max_len=261),
+                                 c.params.text("KeyId"))
+    return {}
+
+
+async def update_alias(c: Call) -> dict[str, Any]:
+    await c.service.update_alias(c.principal, c.params.text("AliasName", max_len=261),
+                                 c.params.text("KeyId"))
+    return {}
+
+
+async def delete_alias(c: Call) -> dict[str, Any]:
+    await c.service.delete_alias(c.principal, c.params.text("AliasName", max_len=261))
+    return {}
+
+
+async def list_aliases(c: Call) -> dict[str, Any]:
+    number, size = c.params.page()
+    page = await c.service.list_aliases(c.principal, page_number=number, page_size=size)
+    return _paged(page, "Aliases", "Alias", [_alias_row(a) for a in page.items])
+
+
+async def list_aliases_by_key_id(c: Call) -> dict[str, Any]:
+    number, size = c.params.page()
+    page = await c.service.list_aliases(c.principal, page_number=number, page_size=size,
+                                        key_ref=c.params.text("KeyId"))
+    return _paged(page, "Aliases", "Alias", [_alias_row(a) for a in page.items])
+
+
+# -- tags ------------------------------------------------------------------------------
+
+def _tagged_key(p: Params) -> str:
+    if p.get("SecretName") or p.get("CertificateId"):
+        # Secrets and certificates are not part of this service.
+        raise UnsupportedOperation("only keys can be tagged here")
+    return p.text("KeyId")
+
+
+async def tag_resource(c: Call) -> dict[str, Any]:
+    tags = c.params.tags("Tags")
+    if not tags:
+        c.params.text("Tags")  # raises MissingParameter
+    await c.service.tag_resource(c.principal, _tagged_key(c.params), tags)
+    return {}
+
+
+async def untag_resource(c: Call) -> dict[str, Any]:
+    await c.service.untag_resource(c.principal, _tagged_key(c.params),
+                                   c.params.string_list("TagKeys"))
+    return {}
+
+
+async def list_resource_tags(c: Call) -> dict[str, Any]:
+    key, tags = await c.service.list_resource_tags(c.principal, c.params.text("KeyId"))
+    return {"Tags": {"Tag": [{"KeyId": key.key_id, "TagKey": k, "TagValue": v}
+                             for k, v in tags.items()]}}
+
+
+# -- symmetric crypto --------------------------------------------------------------------
+
+def _dry_run(p: Params) -> None:
+    if p.boolean("DryRun"):
+        raise UnsupportedOperation("DryRun is not supported")
+
+
+async def encrypt(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    # Plaintext is an opaque string: its UTF-8 bytes are encrypted and Decrypt returns the
+    # same string (what Alibaba's own transfer client does; reference section 3).
+    result = await c.service.encrypt(c.principal, p.text("KeyId"),
+                                     p.text("Plaintext", max_len=1 << 20).encode(),
+                                     p.context("EncryptionContext"))
+    return {"CiphertextBlob": _b64(result.blob), "KeyId": result.key_id,
+            "KeyVersionId": result.version_id}
+
+
+def _plaintext_text(data: bytes) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        # Only ciphertexts made elsewhere can hold non-UTF-8 bytes; return them as Base64.
+        return _b64(data)
+
+
+async def decrypt(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    result = await c.service.decrypt(c.principal, p.b64("CiphertextBlob"),
+                                     p.context("EncryptionContext"))
+    return {"KeyId": result.key_id, "KeyVersionId": result.version_id,
+            "Plaintext": _plaintext_text(result.plaintext)}
+
+
+async def generate_data_key(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    data_key = await c.service.generate_data_key(
+        c.principal, p.text("KeyId"),
+        number_of_bytes=p.integer("NumberOfBytes", default=None, low=1, high=1024),
+        key_spec=p.optional_text("KeySpec", max_len=16), context=p.context())
+    return {"CiphertextBlob": _b64(data_key.blob), "KeyId": data_key.key_id,
+            "KeyVersionId": data_key.version_id, "Plaintext": data_key.plaintext_b64}
+
+
+async def generate_data_key_without_plaintext(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    data_key = await c.service.generate_data_key(
+        c.principal, p.text("KeyId"),
+        number_of_bytes=p.integer("NumberOfBytes", default=None, low=1, high=1024),
+        key_spec=p.optional_text("KeySpec", max_len=16), context=p.context(),
+        with_plaintext=False)
+    return {"CiphertextBlob": _b64(data_key.blob), "KeyId": data_key.key_id,
+            "KeyVersionId": data_key.version_id}
+
+
+async def re_encrypt(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    if p.get("SourceKeyId") or p.get("SourceKeyVersionId"):
+        raise UnsupportedOperation("ReEncrypt from an asymmetric source key")
+    result = await c.service.re_encrypt(
+        c.principal, p.b64("CiphertextBlob"), p.text("DestinationKeyId"),
+        source_context=p.context("SourceEncryptionContext"),
+        destination_context=p.context("DestinationEncryptionContext"))
+    return {"CiphertextBlob": _b64(result.blob), "KeyId": result.key_id,
+            "KeyVersionId": result.version_id}
+
+
+async def generate_and_export_data_key(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    data_key = await c.service.generate_and_export_data_key(
+        c.principal, p.text("KeyId"),
+        number_of_bytes=p.integer("NumberOfBytes", default=None, low=1, high=1024),
+        key_spec=p.optional_text("KeySpec", max_len=16), context=p.context(),
+        public_key_der=p.b64("PublicKeyBlob"),
+        wrapping_spec=p.text("WrappingKeySpec", max_len=32),
+        wrapping_algorithm=p.text("WrappingAlgorithm", max_len=32))
+    return {"CiphertextBlob": _b64(data_key.blob), "ExportedDataKey": _b64(data_key.exported),
+            "KeyId": data_key.key_id, "KeyVersionId": data_key.version_id}
+
+
+async def export_data_key(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    data_key = await c.service.export_data_key(
+        c.principal, p.b64("CiphertextBlob"), context=p.context(),
+        public_key_der=p.b64("PublicKeyBlob"),
+        wrapping_spec=p.text("WrappingKeySpec", max_len=32),
+        wrapping_algorithm=p.text("WrappingAlgorithm", max_len=32))
+    return {"ExportedDataKey": _b64(data_key.exported), "KeyId": data_key.key_id,
+            "KeyVersionId": data_key.version_id}
+
+
+# -- asymmetric ------------------------------------------------------------------------
+
+async def asymmetric_sign(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    result = await c.service.asymmetric_sign(
+        c.principal, p.text("KeyId"), p.text("KeyVersionId", max_len=128),
+        p.text("Algorithm", max_len=32), p.b64("Digest"))
+    return {"KeyId": result.key_id, "KeyVersionId": result.version_id,
+            "Value": _b64(result.plaintext)}
+
+
+async def asymmetric_verify(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    result, valid = await c.service.asymmetric_verify(
+        c.principal, p.text("KeyId"), p.text("KeyVersionId", max_len=128),
+        p.text("Algorithm", max_len=32), p.b64("Digest"), p.b64("Value"))
+    return {"KeyId": result.key_id, "KeyVersionId": result.version_id, "Value": valid}
+
+
+async def asymmetric_encrypt(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    result = await c.service.asymmetric_encrypt(
+        c.principal, p.text("KeyId"), p.text("KeyVersionId", max_len=128),
+        p.text("Algorithm", max_len=32), p.b64("Plaintext"))
+    return {"CiphertextBlob": _b64(result.blob), "KeyId": result.key_id,
+            "KeyVersionId": result.version_id}
+
+
+async def asymmetric_decrypt(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    result = await c.service.asymmetric_decrypt(
+        c.principal, p.text("KeyId"), p.text("KeyVersionId", max_len=128),
+        p.text("Algorithm", max_len=32), p.b64("CiphertextBlob"))
+    return {"Plaintext": _b64(result.plaintext), "KeyId": result.key_id,
+            "KeyVersionId": result.version_id}
+
+
+async def get_public_key(c: Call) -> dict[str, Any]:
+    p = c.params
+    _dry_run(p)
+    result = await c.service.get_public_key(c.principal, p.text("KeyId"),
+                                            p.optional_text("KeyVersionId", max_len=128))
+    return {"PublicKey": result.plaintext.decode(), "KeyId": result.key_id,
+            "KeyVersionId": result.version_id}
+
+
+# -- instances and regions ---------------------------------------------------------------
+
+async def list_kms_instances(c: Call) -> dict[str, Any]:
+    number, size = c.params.page(default_size=20)
+    page = await c.service.list_kms_instances(c.principal, page_number=number,
+                                              page_size=size)
+    return _paged(page, "KmsInstances", "KmsInstance", [
+        {"KmsInstanceId": i.instance_id, "KmsInstanceArn": _instance_arn(i)}
+        for i in page.items])
+
+
+async def get_kms_instance(c: Call) -> dict[str, Any]:
+    view = await c.service.get_kms_instance(c.principal, c.params.text("KmsInstanceId",
+                                                                       max_len=128))
+    i = view.instance
+    return {"KmsInstance": {
+        "InstanceId": i.instance_id, "InstanceName": i.name, "Status": view.status,
+        "Spec": i.spec_qps, "KeyNum": view.key_count, "SecretNum": 0, "CreateTime": i.created, "StartDate": i.created,
+        "ChargeType": "POSTPAY", "ProductVersion": "3", "SaleStatus": "normal",
+        "ProductType": f"kms_{i.type.value}_instance", "DeletionProtection": "Disabled",
+    }}
+
+
+async def describe_regions(c: Call) -> dict[str, Any]:
+    return {"Regions": {"Region": [{"RegionId": r} for r in c.service.describe_regions()]}}
+
+
+_CTX = ("EncryptionContext", "DryRun")
+ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
+    "CreateKey": Action(create_key, (), ("DKMSInstanceId", "KeySpec", "KeyUsage", "Origin",
+                                         "Description", "Tags"), "Create a key"),
+    "DescribeKey": Action(describe_key, ("KeyId",), (), "A key's metadata"),
+    "ListKeys": Action(list_keys, (), ("Filters", "PageNumber", "PageSize"), "List keys"),
+    "EnableKey": Action(enable_key, ("KeyId",), (), "Enable a key"),
+    "DisableKey": Action(disable_key, ("KeyId",), (), "Disable a key"),
+    "UpdateKeyDescription": Action(update_key_description, ("KeyId", "Description")),
+    "CreateAlias": Action(create_alias, ("AliasName", "KeyId")),
+    "UpdateAlias": Action(update_alias, ("AliasName", "KeyId")),
+    "DeleteAlias": Action(delete_alias, ("AliasName",)),
+    "ListAliases": Action(list_aliases, (), ("PageNumber", "PageSize")),
+    "ListAliasesByKeyId": Action(list_aliases_by_key_id, ("KeyId",), ("PageNumber",
+                                                                      "PageSize")),
+    "TagResource": Action(tag_resource, ("KeyId", "Tags")),
+    "UntagResource": Action(untag_resource, ("KeyId", "TagKeys")),
+    "ListResourceTags": Action(list_resource_tags, ("KeyId",)),
+    "Encrypt": Action(encrypt, ("KeyId", "Plaintext"), _CTX),
+    "Decrypt": Action(decrypt, ("CiphertextBlob",), _CTX),
+    "GenerateDataKey": Action(generate_data_key, ("KeyId",),
+                              ("KeySpec", "NumberOfBytes", *_CTX)),
+    "GenerateDataKeyWithoutPlaintext": Action(generate_data_key_without_plaintext,
+                                              ("KeyId",), ("KeySpec", "NumberOfBytes", *_CTX)),
+    "ReEncrypt": Action(re_encrypt, ("CiphertextBlob", "DestinationKeyId"),
+                        ("SourceEncryptionContext", "DestinationEncryptionContext", "DryRun")),
+    "GenerateAndExportDataKey": Action(
+        generate_and_export_data_key,
+        ("KeyId", "PublicKeyBlob", "WrappingKeySpec", "WrappingAlgorithm"),
+        ("KeySpec", "NumberOfBytes", *_CTX)),
+    "ExportDataKey": Action(export_data_key, ("CiphertextBlob", "PublicKeyBlob",
+                                              "WrappingKeySpec", "WrappingAlgorithm"), _CTX),
+    "AsymmetricSign": Action(asymmetric_sign, ("KeyId", "KeyVersionId", "Algorithm",
+                                               "Digest"), ("DryRun",)),
+    "AsymmetricVerify": Action(asymmetric_verify, ("KeyId", "KeyVersionId", "Algorithm",
+                                                   "Digest", "Value"), ("DryRun",)),
+    "AsymmetricEncrypt": Action(asymmetric_encrypt, ("KeyId", "KeyVersionId", "Algorithm",
+                                                     "Plaintext"), ("DryRun",)),
+    "AsymmetricDecrypt": Action(asymmetric_decrypt, ("KeyId", "KeyVersionId", "Algorithm",
+                                                     "CiphertextBlob"), ("DryRun",)),
+    "GetPublicKey": Action(get_public_key, ("KeyId",), ("KeyVersionId", "DryRun")),
+    "ListKmsInstances": Action(list_kms_instances, (), ("PageNumber", "PageSize")),
+    "GetKmsInstance": Action(get_kms_instance, ("KmsInstanceId",)),
+    "DescribeRegions": Action(describe_regions),
+})

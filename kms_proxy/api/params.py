@@ -1,0 +1,158 @@
+"""Typed parameter parsing for the Alibaba RPC edge.
+
+Every helper raises ``MissingParameter``/``InvalidParameter`` naming the parameter, before
+any side effect. JSON-valued parameters (``EncryptionContext``, ``Filters``, ``Tags``)
+arrive as one JSON string each; booleans arrive as ``true``/``false`` or Python's
+``True``/``False`` (the Python SDK sends the latter).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+from base64 import b64decode
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Final, TypeVar
+
+from kms_proxy.core.errors import InvalidParameter, MissingParameter
+
+__all__ = ["Params"]
+
+E = TypeVar("E", bound=StrEnum)
+MAX_CONTEXT_CHARS: Final = 8192
+
+
+class Params:
+    """The request's business parameters (query string and form body, decoded)."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+
+    def get(self, name: str) -> str | None:
+        return self._values.get(name)
+
+    def text(self, name: str, *, max_len: int = 8192) -> str:
+        value = self._values.get(name)
+        if value is None or value == "":
+            raise MissingParameter(name)
+        if len(value) > max_len:
+            raise InvalidParameter(name, f"at most {max_len} characters")
+        return value
+
+    def optional_text(self, name: str, *, max_len: int = 8192) -> str | None:
+        if self._values.get(name) in (None, ""):
+            return None
+        return self.text(name, max_len=max_len)
+
+    def b64(self, name: str, *, max_len: int = 1 << 20) -> bytes:
+        value = self.text(name, max_len=max_len)
+        try:
+            return b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidParameter(name, "not valid Base64") from None
+
+    def optional_b64(self, name: str) -> bytes | None:
+        return None if self._values.get(name) in (None, "") else self.b64(name)
+
+    def integer(self, name: str, *, default: int | None, low: int, high: int) -> int | None:
+        value = self._values.get(name)
+        if value in (None, ""):
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise InvalidParameter(name, "not an integer") from None
+        if not low <= number <= high:
+            raise InvalidParameter(name, f"must be {low} to {high}")
+        return number
+
+    def page(self, *, default_size: int = 10) -> tuple[int, int]:
+        number = self.integer("PageNumber", default=1, low=1, high=1 << 31)
+        size = self.integer("PageSize", default=default_size, low=1, high=100)
+        assert number is not None and size is not None
+        return number, size
+
+    def enum(self, name: str, kind: type[E], *, default: E | None = None) -> E | None:
+        value = self._values.get(name)
+        if value in (None, ""):
+            return default
+        try:
+            return kind(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in kind)
+            raise InvalidParameter(name, f"must be one of {allowed}") from None
+
+    def boolean(self, name: str, *, default: bool = False) -> bool:
+        value = self._values.get(name)
+        if value in (None, ""):
+            return default
+        assert value is not None
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise InvalidParameter(name, "must be true or false")
+
+    def _json(self, name: str) -> Any:
+        value = self._values.get(name)
+        if value in (None, ""):
+            return None
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise InvalidParameter(name, "not valid JSON") from None
+
+    def context(self, name: str = "EncryptionContext") -> dict[str, str] | None:
+        """A JSON object of string to string, at most 8192 characters in all."""
+        raw = self._values.get(name)
+        if raw is not None and len(raw) > MAX_CONTEXT_CHARS:
+            raise InvalidParameter(name, f"at most {MAX_CONTEXT_CHARS} characters")
+        value = self._json(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise InvalidParameter(name, "must be a JSON object of string to string")
+        return value
+
+    def tags(self, name: str = "Tags") -> dict[str, str]:
+        """``[{"TagKey": .., "TagValue": ..}, ..]`` as a mapping; keys must be unique."""
+        value = self._json(name)
+        if value is None:
+            return {}
+        if not isinstance(value, list):
+            raise InvalidParameter(name, 'must be a JSON array of {"TagKey","TagValue"}')
+        tags: dict[str, str] = {}
+        for item in value:
+            if (not isinstance(item, dict) or not isinstance(item.get("TagKey"), str)
+                    or not isinstance(item.get("TagValue", ""), str)):
+                raise InvalidParameter(name, 'each tag is {"TagKey": str, "TagValue": str}')
+            if item["TagKey"] in tags:
+                raise InvalidParameter(name, f"tag key {item['TagKey']!r} is repeated")
+            tags[item["TagKey"]] = item.get("TagValue", "")
+        return tags
+
+    def string_list(self, name: str, *, max_items: int = 20, max_len: int = 128) -> list[str]:
+        value = self._json(name)
+        if value is None:
+            raise MissingParameter(name)
+        if (not isinstance(value, list) or not value or len(value) > max_items
+                or not all(isinstance(v, str) and 1 <= len(v) <= max_len for v in value)):
+            raise InvalidParameter(name, f"a JSON array of 1 to {max_items} strings of "
+                                   f"1 to {max_len} characters")
+        return value
+
+    def filters(self, name: str = "Filters") -> list[tuple[str, list[str]]]:
+        """``[{"Key": .., "Values": [..]}, ..]``: at most 10 filters of at most 10 values."""
+        value = self._json(name)
+        if value is None:
+            return []
+        if not isinstance(value, list) or len(value) > 10:
+            raise InvalidParameter(name, "a JSON array of at most 10 filters")
+        out = []
+        for item in value:
+            if (not isinstance(item, dict) or not isinstance(item.get("Key"), str)
+                    or not isinstance(item.get("Values"), list) or len(item["Values"]) > 10
+                    or not all(isinstance(v, str) for v in item["Values"])):
+                raise InvalidParameter(name, 'each filter is {"Key": str, "Values": [str]}')
+            out.append((item["Key"], list(item["Values"])))
+        return out

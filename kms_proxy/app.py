@@ -1,0 +1,231 @@
+"""The Alibaba RPC edge: ``POST /`` (and ``GET /``) with the action in ``x-acs-action`` or
+``Action``. Thin: authenticate, parse, one core call, serialise, audit.
+
+Middleware, outermost first: ``_envelope`` gives each request its id, renders every
+failure (framework rejections included) as the Alibaba error envelope, and never lets a
+traceback out. Authentication happens in ``rpc`` because the action and the signature come
+from the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from kms_proxy.api.actions import ACTIONS, Call
+from kms_proxy.api.errors import ApiError, error_body, from_core
+from kms_proxy.api.params import Params
+from kms_proxy.api.signing import AccessKey, RequestVerifier, SignatureError
+from kms_proxy.backends.software import SoftwareBackend
+from kms_proxy.config import Config
+from kms_proxy.core.audit import AuditEvent, AuditLog
+from kms_proxy.core.errors import KmsError
+from kms_proxy.core.model import Instance, KeyKind, Principal
+from kms_proxy.core.service import KeyService, ServiceConfig
+from kms_proxy.openapi import openapi_document
+from kms_proxy.store.sqlite import SQLiteStore
+
+__all__ = ["AUDIT", "CONFIG", "SERVICE", "create_app"]
+
+CONFIG: Final = web.AppKey("config", Config)
+SERVICE: Final = web.AppKey("service", KeyService)
+AUDIT: Final = web.AppKey("audit", AuditLog)
+VERIFIER: Final = web.AppKey("verifier", RequestVerifier)
+REQUEST_ID: Final = web.RequestKey("request_id", str)
+
+API_VERSION: Final = "2016-01-20"
+# Parameters of the signature protocol itself, not of the action (legacy RPC scheme).
+_PROTOCOL_PARAMS: Final = frozenset({
+    "Action", "Version", "Format", "Timestamp", "SignatureNonce", "SignatureMethod",
+    "SignatureVersion", "AccessKeyId", "Signature", "SecurityToken", "RegionId",
+})
+log = logging.getLogger("kms_proxy.api")
+access_log = logging.getLogger("kms_proxy.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
+                        content_type="application/json")
+
+
+def _from_http(exc: web.HTTPException) -> ApiError:
+    if exc.status == 404:
+        return ApiError("InvalidAction.NotFound", 404, "Specified api is not found.")
+    if exc.status == 405:
+        return ApiError("UnsupportedHTTPMethod", 403, "The HTTP method is not supported.")
+    if exc.status == 413:
+        return ApiError("InvalidParameter", 400, "The request is too large.")
+    return ApiError("InvalidParameter", 400, exc.reason)
+
+
+@web.middleware
+async def _envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request[REQUEST_ID] = str(uuid.uuid4()).upper()
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = _json(error_body(exc, request_id), exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = _from_http(exc)
+        response = _json(error_body(error, request_id), error.status)
+    except Exception:
+        log.exception("unexpected failure in request %s", request_id)
+        error = ApiError("InternalFailure", 500, "Internal Failure.")
+        response = _json(error_body(error, request_id), 500)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info("%s %s %s %d %.2fms", request_id, request.remote, request.method,
+                        response.status, (time.perf_counter() - started) * 1000)
+    return response
+
+
+async def _parameters(request: web.Request) -> tuple[dict[str, str], dict[str, str], bytes]:
+    """Query and form parameters (each name once) and the raw body."""
+    body = await request.read()
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True):
+        if name in query:
+            raise ApiError("InvalidParameter", 400, f'The parameter "{name}" is repeated.')
+        query[name] = value
+    form: dict[str, str] = {}
+    if request.content_type == "application/x-www-form-urlencoded" and body:
+        try:
+            pairs = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True)
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError("InvalidParameter", 400, "The form body is malformed.") from None
+        for name, value in pairs:
+            if name in form or name in query:
+                raise ApiError("InvalidParameter", 400,
+                               f'The parameter "{name}" is repeated.')
+            form[name] = value
+    return query, form, body
+
+
+def _principal(access_key: AccessKey) -> Principal:
+    return Principal(account_id=access_key.account_id, name=access_key.user)
+
+
+def _audit_key(body: dict[str, Any], params: dict[str, str]) -> str | None:
+    metadata = body.get("KeyMetadata")
+    if isinstance(metadata, dict):
+        return str(metadata.get("KeyId"))
+    key_id = body.get("KeyId") or params.get("KeyId") or params.get("DestinationKeyId")
+    return str(key_id) if key_id else None
+
+
+def _audit(request: web.Request, action: str, principal: Principal, outcome: str,
+           error_code: str | None, result: dict[str, Any], params: dict[str, str]) -> None:
+    """One audit event per authenticated action, successful or not (never plaintext)."""
+    audit = request.app[AUDIT]
+    key_id = _audit_key(result, params)
+    key_arn = None
+    if key_id and key_id.startswith("key-"):
+        key_arn = f"acs:kms:{request.app[SERVICE].region}:{principal.account_id}:key/{key_id}"
+    details: dict[str, str | int | bool | None] = {}
+    if "KeyVersionId" in result:
+        details["KeyVersionId"] = str(result["KeyVersionId"])
+    if "AliasName" in params:
+        details["AliasName"] = params["AliasName"][:256]
+    audit.append(AuditEvent(
+        time=audit.now(), request_id=request[REQUEST_ID], principal=principal.arn,
+        account_id=principal.account_id, action=action, key_id=key_id, key_arn=key_arn,
+        outcome=outcome, error_code=error_code, source_ip=request.remote, details=details))
+
+
+async def rpc(request: web.Request) -> web.Response:
+    """Every OpenAPI action."""
+    request_id = request[REQUEST_ID]
+    query, form, body = await _parameters(request)
+    action = request.headers.get("x-acs-action") or query.get("Action") or form.get("Action")
+    if not action:
+        raise ApiError("MissingParameter", 400, 'The parameter "Action" is needed but not '
+                       "provided.")
+    version = request.headers.get("x-acs-version") or query.get("Version")
+    if version != API_VERSION:
+        raise ApiError("InvalidVersion", 400, f"Specified version {version!r} is not valid;"
+                       f" this service speaks {API_VERSION}.")
+    spec = ACTIONS.get(action)
+    if spec is None:
+        raise ApiError("InvalidAction.NotFound", 404, f"Specified api {action!r} is not "
+                       "found.")
+    try:
+        access_key = request.app[VERIFIER].verify(
+            method=request.method, raw_path=request.raw_path,
+            query_string=request.rel_url.raw_query_string, headers=request.headers,
+            body=body, form=form)
+    except SignatureError as exc:
+        raise ApiError(str(exc.code), exc.status, exc.message) from None
+    principal = _principal(access_key)
+    params = {k: v for k, v in {**query, **form}.items() if k not in _PROTOCOL_PARAMS}
+    outcome, result = "Failure", {}
+    error_code: str | None = "InternalFailure"
+    try:
+        result = await spec.handler(Call(request.app[SERVICE], principal, Params(params)))
+        outcome, error_code = "Success", None
+    except KmsError as exc:
+        error = from_core(exc)
+        error_code = error.code
+        raise error from None
+    finally:
+        _audit(request, action, principal, outcome, error_code, result, params)
+    return _json({"RequestId": request_id, **result})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """An OpenAPI description of the supported actions (unsigned)."""
+    return _json(openapi_document(ACTIONS))
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+def create_app(config: Config) -> web.Application:
+    """The KMS front. Resources open in ``cleanup_ctx``: store, audit log, then service."""
+    # Business parameters travel in the query string: 6 KB of plaintext, Base64 and
+    # percent-encoded, is far beyond aiohttp's 8190-byte request line.
+    app = web.Application(middlewares=[_envelope], client_max_size=1 << 20,
+                          handler_args={"max_line_size": 65536, "max_field_size": 65536})
+    app[CONFIG] = config
+    app[VERIFIER] = RequestVerifier(
+        [AccessKey(id=k.id, secret=k.secret, account_id=a.id, user=k.user)
+         for a in config.accounts for k in a.access_keys])
+
+    async def resources(app: web.Application) -> Any:
+        async with SQLiteStore(config.database) as store, \
+                AuditLog(config.audit_log, chain_key=config.audit_chain_key) as audit:
+            software = SoftwareBackend(config.root_key)
+            service = KeyService(
+                store=store,
+                backends={KeyKind.SOFTWARE: software, KeyKind.DEFAULT_MASTER: software,
+                          KeyKind.SERVICE: software},
+                config=ServiceConfig(region=config.region, regions=config.regions,
+                                     default_instances=config.default_instance))
+            for instance in config.instances:
+                existing = await store.get_instance(instance.id)
+                await service.add_instance(Instance(
+                    instance_id=instance.id, account_id=instance.account_id,
+                    region=config.region, type=instance.type, name=instance.name,
+                    spec_qps=instance.spec_qps,
+                    created=existing.created if existing else audit.now()[:19] + "Z"))
+            app[SERVICE] = service
+            app[AUDIT] = audit
+            yield
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_route("POST", "/", rpc)
+    app.router.add_route("GET", "/", rpc)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/health", health)
+    return app

@@ -1,0 +1,1 @@
+"""Key backends behind one interface (``base.KeyBackend``): software, hsm, external."""

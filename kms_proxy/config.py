@@ -1,0 +1,176 @@
+"""The KMS front's configuration: one TOML file, every value overridable by
+``KMS_PROXY__<PATH>`` environment variables (``shared.tomlconfig``). Checked once at start.
+
+The root key that wraps software key material is never in this file's directory by
+default and never in the database: it comes from ``root_key_file`` or from the
+``KMS_PROXY__ROOT_KEY`` environment variable (Base64 of 32 bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from kms_proxy.core.model import InstanceType
+from shared.tomlconfig import ConfigError, TableReader, read_toml
+
+__all__ = ["AccessKeyConfig", "AccountConfig", "Config", "ConfigError", "InstanceConfig",
+           "ServerConfig", "load"]
+
+ENV_PREFIX: Final = "KMS_PROXY__"
+_ACCOUNT: Final = re.compile(r"[0-9]{6,20}")
+_INSTANCE: Final = re.compile(r"kst-[a-z0-9]{6,40}")
+_AK_ID: Final = re.compile(r"[A-Za-z0-9]{8,64}")
+_REGION: Final = re.compile(r"[a-z]{2}-[a-z0-9-]{2,30}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8443
+    tls: bool = True
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+    # One line per request (no secrets): "-" stderr, "off", or a file.
+    access_log: str = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessKeyConfig:
+    id: str
+    secret: str = field(repr=False)
+    user: str = "admin"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountConfig:
+    id: str
+    access_keys: tuple[AccessKeyConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    id: str
+    account_id: str
+    type: InstanceType
+    name: str
+    spec_qps: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    region: str
+    regions: tuple[str, ...]
+    database: Path
+    root_key: bytes = field(repr=False)
+    audit_log: Path
+    audit_chain_key: bytes | None = field(repr=False)
+    accounts: tuple[AccountConfig, ...]
+    instances: tuple[InstanceConfig, ...]
+    default_instance: Mapping[str, str]  # account id -> instance id
+    server: ServerConfig = ServerConfig()
+    # Accepted difference between a request's signed date and ours, in seconds.
+    max_clock_skew: int = 900
+
+
+def _secret_bytes(r: TableReader, value_key: str, file_key: str, *, required: bool
+                  ) -> bytes | None:
+    """32 bytes from ``<value_key>`` (Base64) or from the file ``<file_key>``."""
+    raw = r.get(value_key, str)
+    path = r.path(file_key)
+    if raw is None and path is not None:
+        try:
+            raw = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{file_key}: cannot read {path}: {exc.strerror}") from None
+    if raw is None:
+        if required:
+            raise ConfigError(f"{value_key} (or {file_key}) is required")
+        return None
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{value_key} must be Base64 of 32 bytes") from None
+    if len(data) != 32:
+        raise ConfigError(f"{value_key} must be Base64 of 32 bytes")
+    return data
+
+
+def _server(r: TableReader) -> ServerConfig:
+    tls = r.get("tls", bool, True)
+    port = r.get("port", int, 8443)
+    r.check(0 <= port <= 65535, "port", "must be 0-65535")
+    server = ServerConfig(host=r.get("host", str, "127.0.0.1"), port=port, tls=tls,
+                          cert=r.path("cert", required=tls), key=r.path("key", required=tls),
+                          client_ca=r.path("client_ca"),
+                          require_client_cert=r.get("require_client_cert", bool, False),
+                          access_log=r.get("access_log", str, "off"))
+    r.check(not server.require_client_cert or server.client_ca is not None, "client_ca",
+            "is required when require_client_cert is true")
+    return server
+
+
+def parse(data: dict[str, object], base: Path) -> Config:
+    """:raises ConfigError: naming the field."""
+    root = TableReader(data, "", base)
+    region = root.get("region", str, required=True)
+    root.check(bool(_REGION.fullmatch(region)), "region", "must look like cn-hangzhou")
+    regions = root.strings("regions", (region,))
+    root.check(region in regions, "regions", "must include region")
+    accounts = []
+    for i, raw in enumerate(root.get("accounts", list, required=True)):
+        a = TableReader(raw, f"accounts[{i}]", base)
+        account_id = a.get("id", str, required=True)
+        a.check(bool(_ACCOUNT.fullmatch(account_id)), "id", "must be 6-20 digits")
+        keys = []
+        for j, raw_key in enumerate(a.get("access_keys", list, [])):
+            k = TableReader(raw_key, f"accounts[{i}].access_keys[{j}]", base)
+            key = AccessKeyConfig(id=k.get("id", str, required=True),
+                                  secret=k.get("secret", str, required=True),
+                                  user=k.get("user", str, "admin"))
+            k.check(bool(_AK_ID.fullmatch(key.id)), "id", "must be 8-64 letters or digits")
+            k.check(len(key.secret) >= 16, "secret", "must be at least 16 characters")
+            keys.append(key)
+        accounts.append(AccountConfig(account_id, tuple(keys)))
+    ids = [k.id for a in accounts for k in a.access_keys]
+    root.check(len(ids) == len(set(ids)), "accounts", "repeat an access key id")
+    account_ids = {a.id for a in accounts}
+    instances, defaults = [], {}
+    for i, raw in enumerate(root.get("instances", list, [])):
+        n = TableReader(raw, f"instances[{i}]", base)
+        kind = n.get("type", str, required=True)
+        n.check(kind in set(InstanceType), "type", f"must be one of {sorted(InstanceType)}")
+        instance = InstanceConfig(id=n.get("id", str, required=True),
+                                  account_id=n.get("account_id", str, required=True),
+                                  type=InstanceType(kind), name=n.get("name", str, "kms"),
+                                  spec_qps=n.get("spec_qps", int, 1000))
+        n.check(bool(_INSTANCE.fullmatch(instance.id)), "id", "must look like kst-...")
+        n.check(instance.account_id in account_ids, "account_id", "names no account")
+        n.check(instance.spec_qps > 0, "spec_qps", "must be positive")
+        if n.get("default", bool, False):
+            n.check(instance.account_id not in defaults, "default",
+                    "is set twice for one account")
+            defaults[instance.account_id] = instance.id
+        instances.append(instance)
+    return Config(
+        region=region, regions=regions,
+        database=root.path("database", required=True) or Path(),
+        root_key=_secret_bytes(root, "root_key", "root_key_file", required=True) or b"",
+        audit_log=root.path("audit_log", required=True) or Path(),
+        audit_chain_key=_secret_bytes(root, "audit_chain_key", "audit_chain_key_file",
+                                      required=False),
+        accounts=tuple(accounts), instances=tuple(instances), default_instance=defaults,
+        server=_server(root.table("server")),
+        max_clock_skew=root.get("max_clock_skew", int, 900))
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """:raises ConfigError: naming the field."""
+    return parse(read_toml(path, ENV_PREFIX, env), path.resolve().parent)

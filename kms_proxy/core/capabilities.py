@@ -1,0 +1,233 @@
+"""The seed's tables as data: what each key kind may do, and what each key spec supports.
+
+Every action consults these tables through ``require``; there are no per-handler ``if``
+chains about kinds. Source: ``shared/reference/seed-digest.md`` (capability tables) and the
+OpenAPI reference (specs, algorithms, sizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Final
+
+from kms_proxy.core.errors import UnsupportedOperation
+from kms_proxy.core.model import InstanceType, KeyKind, KeySpec, KeyUsage, PrincipalKind
+
+__all__ = [
+    "KIND_CAPABILITIES",
+    "KIND_INSTANCE",
+    "SPECS",
+    "Capability",
+    "Op",
+    "SpecInfo",
+    "required_capability",
+    "require",
+    "spec_info",
+]
+
+
+class Op(StrEnum):
+    """Every action the core performs (their names match the OpenAPI actions)."""
+
+    CREATE_KEY = "CreateKey"
+    DESCRIBE_KEY = "DescribeKey"
+    LIST_KEYS = "ListKeys"
+    ENABLE_KEY = "EnableKey"
+    DISABLE_KEY = "DisableKey"
+    UPDATE_KEY_DESCRIPTION = "UpdateKeyDescription"
+    CREATE_ALIAS = "CreateAlias"
+    UPDATE_ALIAS = "UpdateAlias"
+    DELETE_ALIAS = "DeleteAlias"
+    LIST_ALIASES = "ListAliases"
+    LIST_ALIASES_BY_KEY_ID = "ListAliasesByKeyId"
+    TAG_RESOURCE = "TagResource"
+    UNTAG_RESOURCE = "UntagResource"
+    LIST_RESOURCE_TAGS = "ListResourceTags"
+    ENCRYPT = "Encrypt"
+    DECRYPT = "Decrypt"
+    GENERATE_DATA_KEY = "GenerateDataKey"
+    GENERATE_DATA_KEY_WITHOUT_PLAINTEXT = "GenerateDataKeyWithoutPlaintext"
+    GENERATE_AND_EXPORT_DATA_KEY = "GenerateAndExportDataKey"
+    EXPORT_DATA_KEY = "ExportDataKey"
+    RE_ENCRYPT = "ReEncrypt"
+    ASYMMETRIC_SIGN = "AsymmetricSign"
+    ASYMMETRIC_VERIFY = "AsymmetricVerify"
+    ASYMMETRIC_ENCRYPT = "AsymmetricEncrypt"
+    ASYMMETRIC_DECRYPT = "AsymmetricDecrypt"
+    GET_PUBLIC_KEY = "GetPublicKey"
+    LIST_KMS_INSTANCES = "ListKmsInstances"
+    GET_KMS_INSTANCE = "GetKmsInstance"
+    DESCRIBE_REGIONS = "DescribeRegions"
+
+
+class Capability(StrEnum):
+    """The columns of the seed's capability tables."""
+
+    DATA_CRYPTO = "data encrypt/decrypt"
+    SIGN_VERIFY = "sign/verify"
+    SERVER_SIDE_ENCRYPTION = "server-side encryption"
+    ROTATION = "rotation"
+    SCHEDULED_DELETION = "scheduled deletion"
+    DELETION_PROTECTION = "deletion protection"
+    BYOK_IMPORT = "BYOK import"
+    BACKUP = "backup"
+    ALIASES = "aliases"
+    TAGS = "tags"
+    # Changing attributes (enable/disable, description). Service keys' attributes are not
+    # editable; migrated keys are read-only.
+    EDIT_ATTRIBUTES = "attribute changes"
+
+
+_ALL_USER_KEY: Final = frozenset(Capability)
+
+# Seed digest, "Capabilities per key kind". Rotation rules narrower than a yes/no (software:
+# symmetric only; hardware: symmetric in HsmEncryptedDatabase only; default keys: paid
+# add-on) are applied where rotation is implemented.
+KIND_CAPABILITIES: Final[Mapping[KeyKind, frozenset[Capability]]] = MappingProxyType({
+    KeyKind.SOFTWARE: _ALL_USER_KEY,
+    KeyKind.HARDWARE: _ALL_USER_KEY - {Capability.BACKUP},
+    KeyKind.EXTERNAL: frozenset({
+        Capability.DATA_CRYPTO, Capability.SERVER_SIDE_ENCRYPTION,
+        Capability.SCHEDULED_DELETION, Capability.DELETION_PROTECTION,
+        Capability.ALIASES, Capability.TAGS, Capability.EDIT_ATTRIBUTES,
+    }),
+    KeyKind.DEFAULT_MASTER: frozenset({
+        Capability.SERVER_SIDE_ENCRYPTION, Capability.ROTATION,
+        Capability.SCHEDULED_DELETION, Capability.DELETION_PROTECTION,
+        Capability.BYOK_IMPORT, Capability.ALIASES, Capability.TAGS,
+        Capability.EDIT_ATTRIBUTES,
+    }),
+    KeyKind.SERVICE: frozenset({
+        Capability.SERVER_SIDE_ENCRYPTION, Capability.ROTATION,
+        Capability.ALIASES, Capability.TAGS,
+    }),
+    # "Keys migrated from KMS 1.0 are read-only: every operation is refused."
+    KeyKind.MIGRATED: frozenset(),
+})
+
+# Which instance type each user key kind lives in.
+KIND_INSTANCE: Final[Mapping[InstanceType, KeyKind]] = MappingProxyType({
+    InstanceType.SOFTWARE: KeyKind.SOFTWARE,
+    InstanceType.HARDWARE: KeyKind.HARDWARE,
+    InstanceType.EXTERNAL: KeyKind.EXTERNAL,
+})
+
+
+@dataclass(frozen=True, slots=True)
+class SpecInfo:
+    symmetric: bool
+    usages: frozenset[KeyUsage]
+    default_usage: KeyUsage
+    sign_algorithms: frozenset[str] = frozenset()
+    # Asymmetric encryption algorithm -> the largest plaintext it takes, in bytes.
+    encrypt_algorithms: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}))
+    # Instance types that can hold this spec; empty means no backend implements it here.
+    instance_types: frozenset[InstanceType] = frozenset()
+    # Why a spec is not available (shown in Rejected.UnsupportedOperation).
+    unsupported_reason: str = ""
+
+
+_ENC: Final = frozenset({KeyUsage.ENCRYPT_DECRYPT})
+_BOTH: Final = frozenset({KeyUsage.ENCRYPT_DECRYPT, KeyUsage.SIGN_VERIFY})
+_SIGN: Final = frozenset({KeyUsage.SIGN_VERIFY})
+_RSA_SIGN: Final = frozenset({"RSA_PSS_SHA_256", "RSA_PKCS1_SHA_256"})
+
+SPECS: Final[Mapping[KeySpec, SpecInfo]] = MappingProxyType({
+    KeySpec.AES_256: SpecInfo(True, _ENC, KeyUsage.ENCRYPT_DECRYPT,
+                              instance_types=frozenset(InstanceType)),
+    KeySpec.AES_128: SpecInfo(True, _ENC, KeyUsage.ENCRYPT_DECRYPT,
+                              instance_types=frozenset({InstanceType.SOFTWARE,
+                                                        InstanceType.HARDWARE})),
+    KeySpec.SM4: SpecInfo(True, _ENC, KeyUsage.ENCRYPT_DECRYPT,
+                          instance_types=frozenset({InstanceType.SOFTWARE})),
+    KeySpec.RSA_2048: SpecInfo(
+        False, _BOTH, KeyUsage.SIGN_VERIFY, _RSA_SIGN,
+        MappingProxyType({"RSAES_OAEP_SHA_256": 190, "RSAES_OAEP_SHA_1": 214}),
+        frozenset({InstanceType.SOFTWARE, InstanceType.HARDWARE})),
+    KeySpec.RSA_3072: SpecInfo(
+        False, _BOTH, KeyUsage.SIGN_VERIFY, _RSA_SIGN,
+        MappingProxyType({"RSAES_OAEP_SHA_256": 318, "RSAES_OAEP_SHA_1": 342}),
+        frozenset({InstanceType.SOFTWARE, InstanceType.HARDWARE})),
+    KeySpec.EC_P256: SpecInfo(False, _SIGN, KeyUsage.SIGN_VERIFY,
+                              frozenset({"ECDSA_SHA_256"}),
+                              instance_types=frozenset({InstanceType.SOFTWARE,
+                                                        InstanceType.HARDWARE})),
+    KeySpec.EC_P256K: SpecInfo(False, _SIGN, KeyUsage.SIGN_VERIFY,
+                               frozenset({"ECDSA_SHA_256"}),
+                               instance_types=frozenset({InstanceType.SOFTWARE})),
+    # No maintained Python library implements SM2 signatures and SM2PKE well enough to
+    # stand behind (pyca/cryptography does not); refuse clearly rather than fake it.
+    KeySpec.EC_SM2: SpecInfo(False, _BOTH, KeyUsage.SIGN_VERIFY, frozenset({"SM2DSA"}),
+                             MappingProxyType({"SM2PKE": 6047}),
+                             unsupported_reason="EC_SM2 keys are not implemented "
+                                                "(no maintained SM2 library)"),
+})
+
+
+def spec_info(spec: KeySpec) -> SpecInfo:
+    return SPECS[spec]
+
+
+# What an action needs from the key's kind when an application (AccessKey) calls it.
+_OP_CAPABILITY: Final[Mapping[Op, Capability]] = MappingProxyType({
+    Op.ENCRYPT: Capability.DATA_CRYPTO,
+    Op.DECRYPT: Capability.DATA_CRYPTO,
+    Op.GENERATE_DATA_KEY: Capability.DATA_CRYPTO,
+    Op.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT: Capability.DATA_CRYPTO,
+    Op.GENERATE_AND_EXPORT_DATA_KEY: Capability.DATA_CRYPTO,
+    Op.EXPORT_DATA_KEY: Capability.DATA_CRYPTO,
+    Op.RE_ENCRYPT: Capability.DATA_CRYPTO,
+    Op.ASYMMETRIC_ENCRYPT: Capability.DATA_CRYPTO,
+    Op.ASYMMETRIC_DECRYPT: Capability.DATA_CRYPTO,
+    Op.ASYMMETRIC_SIGN: Capability.SIGN_VERIFY,
+    Op.ASYMMETRIC_VERIFY: Capability.SIGN_VERIFY,
+    Op.GET_PUBLIC_KEY: Capability.DATA_CRYPTO,
+    Op.ENABLE_KEY: Capability.EDIT_ATTRIBUTES,
+    Op.DISABLE_KEY: Capability.EDIT_ATTRIBUTES,
+    Op.UPDATE_KEY_DESCRIPTION: Capability.EDIT_ATTRIBUTES,
+    Op.CREATE_ALIAS: Capability.ALIASES,
+    Op.UPDATE_ALIAS: Capability.ALIASES,
+    Op.DELETE_ALIAS: Capability.ALIASES,
+    Op.TAG_RESOURCE: Capability.TAGS,
+    Op.UNTAG_RESOURCE: Capability.TAGS,
+})
+
+# Crypto a cloud service performs for server-side encryption.
+_SSE_OPS: Final = frozenset({
+    Op.ENCRYPT, Op.DECRYPT, Op.GENERATE_DATA_KEY, Op.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT,
+    Op.RE_ENCRYPT,
+})
+
+
+# Reads every key kind allows, migrated keys included.
+_READ_OPS: Final = frozenset({
+    Op.DESCRIBE_KEY, Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID,
+    Op.LIST_RESOURCE_TAGS,
+})
+
+
+def required_capability(op: Op, principal: PrincipalKind) -> Capability | None:
+    """The capability ``op`` needs; ``None`` for reads every key kind allows."""
+    if principal is PrincipalKind.SERVICE and op in _SSE_OPS:
+        return Capability.SERVER_SIDE_ENCRYPTION
+    if op is Op.GET_PUBLIC_KEY:
+        # Reading a public key is part of using an asymmetric key in either usage.
+        return None
+    return _OP_CAPABILITY.get(op)
+
+
+def require(kind: KeyKind, op: Op, principal: PrincipalKind) -> None:
+    """Refuse ``op`` if the seed's tables say a ``kind`` key cannot do it.
+
+    :raises UnsupportedOperation: naming the kind and the missing capability.
+    """
+    if kind is KeyKind.MIGRATED and op not in _READ_OPS:
+        raise UnsupportedOperation(f"keys migrated from KMS 1.0 are read-only ({op})")
+    needed = required_capability(op, principal)
+    if needed is not None and needed not in KIND_CAPABILITIES[kind]:
+        label = kind.value.replace("_", " ")
+        raise UnsupportedOperation(f"a {label} key does not support {needed} ({op})")

@@ -1,0 +1,166 @@
+"""The core's vocabulary: enums with stable stored values, and frozen records.
+
+Enum values are what the store keeps, so they never change; the Alibaba edge happens to use
+the same strings for most of them, and maps the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = [
+    "Alias",
+    "Instance",
+    "InstanceType",
+    "Key",
+    "KeyKind",
+    "KeySpec",
+    "KeyState",
+    "KeyUsage",
+    "KeyVersion",
+    "Origin",
+    "Principal",
+    "PrincipalKind",
+    "ProtectionLevel",
+    "Tag",
+]
+
+
+class KeySpec(StrEnum):
+    AES_256 = "Aliyun_AES_256"
+    AES_128 = "Aliyun_AES_128"
+    SM4 = "Aliyun_SM4"
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    EC_P256 = "EC_P256"
+    EC_P256K = "EC_P256K"
+    EC_SM2 = "EC_SM2"
+
+
+class KeyUsage(StrEnum):
+    ENCRYPT_DECRYPT = "ENCRYPT/DECRYPT"
+    SIGN_VERIFY = "SIGN/VERIFY"
+
+
+class KeyState(StrEnum):
+    ENABLED = "Enabled"
+    DISABLED = "Disabled"
+    PENDING_DELETION = "PendingDeletion"
+    PENDING_IMPORT = "PendingImport"
+
+
+class Origin(StrEnum):
+    ALIYUN_KMS = "Aliyun_KMS"
+    EXTERNAL = "EXTERNAL"
+
+
+class ProtectionLevel(StrEnum):
+    SOFTWARE = "SOFTWARE"
+    HSM = "HSM"
+
+
+class InstanceType(StrEnum):
+    """The seed's KMS instance types; each key kind needs its own (seed digest)."""
+
+    SOFTWARE = "software"
+    HARDWARE = "hardware"
+    EXTERNAL = "external"
+
+
+class KeyKind(StrEnum):
+    """The seed's key taxonomy: what a key is decides what it may do."""
+
+    SOFTWARE = "software"
+    HARDWARE = "hardware"
+    EXTERNAL = "external"
+    DEFAULT_MASTER = "default_master"
+    SERVICE = "service"
+    MIGRATED = "migrated"
+
+
+class PrincipalKind(StrEnum):
+    USER = "user"
+    SERVICE = "service"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who calls: an AccessKey user of an account, or a cloud service acting for one."""
+
+    account_id: str
+    name: str
+    kind: PrincipalKind = PrincipalKind.USER
+    # For a service principal: the cloud product it is (e.g. "oss").
+    product: str | None = None
+
+    @property
+    def arn(self) -> str:
+        if self.kind is PrincipalKind.SERVICE:
+            return f"acs:ram::{self.account_id}:service/{self.product}"
+        return f"acs:ram::{self.account_id}:user/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    instance_id: str
+    account_id: str
+    region: str
+    type: InstanceType
+    name: str
+    # Computing performance: the symmetric-operation QPS the instance is sold with.
+    spec_qps: int
+    created: str
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    key_id: str
+    account_id: str
+    region: str
+    kind: KeyKind
+    spec: KeySpec
+    usage: KeyUsage
+    state: KeyState
+    origin: Origin
+    protection_level: ProtectionLevel
+    instance_id: str | None
+    description: str
+    creator: str
+    created: str
+    primary_version_id: str
+    delete_date: str | None = None
+    deletion_protection: bool = False
+    deletion_protection_description: str = ""
+
+    @property
+    def arn(self) -> str:
+        return f"acs:kms:{self.region}:{self.account_id}:key/{self.key_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersion:
+    key_id: str
+    version_id: str
+    created: str
+    # What the backend needs to find the material again: wrapped material for software
+    # keys, a token object reference for hardware keys. Opaque to the core.
+    material: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    name: str
+    key_id: str
+    account_id: str
+    region: str
+
+    @property
+    def arn(self) -> str:
+        return f"acs:kms:{self.region}:{self.account_id}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    key: str
+    value: str

@@ -1,0 +1,611 @@
+"""The one place where every action happens.
+
+Each public method is a whole action: resolve the key, consult the capability and state
+tables, call the backend and the store. The edge only parses and serialises. The principal
+is always explicit; keys of another account are reachable only by ARN and, until key
+policies exist, refused with ``AccessDenied``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import re
+import secrets
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Generic, TypeVar
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from kms_proxy.backends.base import KeyBackend
+from kms_proxy.core.blob import context_aad, join_blob, split_blob
+from kms_proxy.core.capabilities import KIND_INSTANCE, Op, require, spec_info
+from kms_proxy.core.errors import (
+    AccessDenied,
+    AliasAlreadyExists,
+    AliasNotFound,
+    InstanceNotFound,
+    InvalidCiphertext,
+    InvalidParameter,
+    KeyNotFound,
+    KeyVersionNotFound,
+    MissingParameter,
+    Throttled,
+    Unsupported,
+    UnsupportedOperation,
+)
+from kms_proxy.core.model import (
+    Alias,
+    Instance,
+    Key,
+    KeyKind,
+    KeySpec,
+    KeyState,
+    KeyUsage,
+    KeyVersion,
+    Origin,
+    Principal,
+    ProtectionLevel,
+)
+from kms_proxy.core.states import require_state
+from kms_proxy.store.base import Store, StoreConflict
+from shared.ratelimit import TokenBucket
+
+__all__ = ["CryptoResult", "DataKey", "InstanceView", "KeyService", "Page", "ServiceConfig"]
+
+T = TypeVar("T")
+
+MAX_PLAINTEXT_BYTES: Final = 6 * 1024
+MAX_TAGS: Final = 20
+_ALIAS: Final = re.compile(r"alias/[A-Za-z0-9_/-]{1,255}")
+_TAG_CHARS: Final = re.compile(r"[A-Za-z0-9/\\_\-.+=:@ ]{1,128}")
+_TAG_VALUE_CHARS: Final = re.compile(r"[A-Za-z0-9/\\_\-.+=:@ ]{0,128}")
+_ARN: Final = re.compile(
+    r"acs:kms:(?P<region>[^:]+):(?P<account>[^:]+):(?P<kind>key|alias)/(?P<rest>.+)")
+_DATA_KEY_SPECS: Final = {"AES_256": 32, "AES_128": 16}
+_WRAPPING: Final = {"RSAES_OAEP_SHA_256": hashes.SHA256, "RSAES_OAEP_SHA_1": hashes.SHA1}
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    region: str
+    regions: tuple[str, ...]
+    # Account id -> the instance CreateKey uses when DKMSInstanceId is not given.
+    default_instances: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: Sequence[T]
+    page_number: int
+    page_size: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class CryptoResult:
+    key_id: str
+    version_id: str
+    blob: bytes = b""
+    plaintext: bytes = dataclasses.field(default=b"", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    key_id: str
+    version_id: str
+    blob: bytes
+    # The data key as Base64 text: what GenerateDataKey returns and Decrypt gives back.
+    plaintext_b64: str = dataclasses.field(repr=False)
+    exported: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    instance: Instance
+    key_count: int
+    status: str
+
+
+def _now(clock: Callable[[], datetime]) -> str:
+    return clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _page(items: Sequence[T], number: int, size: int) -> Page[T]:
+    start = (number - 1) * size
+    return Page(items=items[start:start + size], page_number=number, page_size=size,
+                total=len(items))
+
+
+def _check_tags(tags: Mapping[str, str]) -> None:
+    if len(tags) > MAX_TAGS:
+        raise InvalidParameter("Tags", f"a key has at most {MAX_TAGS} tags")
+    for key, value in tags.items():
+        if not _TAG_CHARS.fullmatch(key) or key.startswith(("aliyun", "acs:")):
+            raise InvalidParameter("Tags", f"tag key {key!r} is not allowed")
+        if not _TAG_VALUE_CHARS.fullmatch(value):
+            raise InvalidParameter("Tags", f"the value of tag {key!r} is not allowed")
+
+
+class KeyService:
+    """Keys, versions, aliases, tags, instances and crypto for one region."""
+
+    def __init__(self, *, store: Store, backends: Mapping[KeyKind, KeyBackend],
+                 config: ServiceConfig,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._store = store
+        self._backends = backends
+        self._config = config
+        self._clock = clock
+        # Keys and versions are read on every crypto call; this process is the only
+        # writer, so caching them and dropping an entry on each write keeps them exact.
+        self._keys: dict[str, Key] = {}
+        self._versions: dict[str, KeyVersion] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+
+    @property
+    def region(self) -> str:
+        return self._config.region
+
+    # -- lookups ---------------------------------------------------------------------
+
+    async def _key(self, key_id: str) -> Key | None:
+        key = self._keys.get(key_id)
+        if key is None:
+            key = await self._store.get_key(key_id)
+            if key is not None:
+                self._keys[key_id] = key
+        return key
+
+    async def _save(self, key: Key) -> Key:
+        await self._store.update_key(key)
+        self._keys[key.key_id] = key
+        return key
+
+    async def _version(self, version_id: str) -> KeyVersion | None:
+        version = self._versions.get(version_id)
+        if version is None:
+            version = await self._store.get_version(version_id)
+            if version is not None:
+                self._versions[version_id] = version
+        return version
+
+    async def resolve(self, principal: Principal, key_ref: str) -> Key:
+        """A key by id, alias, key ARN or alias ARN, as the principal may see it.
+
+        :raises KeyNotFound: :raises AliasNotFound: :raises AccessDenied:
+        """
+        account, region = principal.account_id, self.region
+        match = _ARN.fullmatch(key_ref)
+        if match is not None:
+            if match["region"] != region:
+                raise KeyNotFound(key_ref)
+            account = match["account"]
+            key_ref = match["rest"] if match["kind"] == "key" else f"alias/{match['rest']}"
+        if account != principal.account_id:
+            # Cross-account use needs a key policy granting it; none exists yet.
+            raise AccessDenied(principal.arn, "use a key of another account")
+        if key_ref.startswith("alias/"):
+            alias = await self._store.get_alias(account, region, key_ref)
+            if alias is None:
+                raise AliasNotFound(key_ref)
+            key_ref = alias.key_id
+        key = await self._key(key_ref)
+        if key is None or key.account_id != account or key.region != region:
+            raise KeyNotFound(key_ref)
+        return key
+
+    async def _usable(self, principal: Principal, key_ref: str, op: Op) -> Key:
+        key = await self.resolve(principal, key_ref)
+        require(key.kind, op, principal.kind)
+        require_state(key.state, op)
+        return key
+
+    def _throttle(self, key: Key) -> None:
+        if key.instance_id is None:
+            return
+        bucket = self._buckets.get(key.instance_id)
+        if bucket is not None and not bucket.take():
+            raise Throttled(f"instance {key.instance_id}")
+
+    async def _backend_version(self, key: Key, version_id: str | None = None
+                               ) -> tuple[KeyBackend, KeyVersion]:
+        wanted = version_id or key.primary_version_id
+        version = await self._version(wanted)
+        if version is None or version.key_id != key.key_id:
+            raise KeyVersionNotFound(wanted)
+        return self._backends[key.kind], version
+
+    # -- instances -------------------------------------------------------------------
+
+    async def add_instance(self, instance: Instance) -> None:
+        """Register (or update) a KMS instance; its QPS spec becomes its quota."""
+        await self._store.put_instance(instance)
+        self._buckets[instance.instance_id] = TokenBucket(rate=instance.spec_qps,
+                                                          burst=instance.spec_qps)
+
+    async def load_instances(self, account_ids: Sequence[str]) -> None:
+        for account in account_ids:
+            for instance in await self._store.list_instances(account, self.region):
+                self._buckets[instance.instance_id] = TokenBucket(
+                    rate=instance.spec_qps, burst=instance.spec_qps)
+
+    async def list_kms_instances(self, principal: Principal, *, page_number: int,
+                                 page_size: int) -> Page[Instance]:
+        instances = await self._store.list_instances(principal.account_id, self.region)
+        return _page(list(instances), page_number, page_size)
+
+    async def get_kms_instance(self, principal: Principal, instance_id: str) -> InstanceView:
+        """:raises InstanceNotFound:"""
+        instance = await self._store.get_instance(instance_id)
+        if instance is None or instance.account_id != principal.account_id:
+            raise InstanceNotFound(instance_id)
+        keys = await self._store.list_keys(principal.account_id, self.region)
+        count = sum(1 for k in keys if k.instance_id == instance_id)
+        return InstanceView(instance=instance, key_count=count, status="Connected")
+
+    def describe_regions(self) -> Sequence[str]:
+        return self._config.regions
+
+    # -- key lifecycle ---------------------------------------------------------------
+
+    async def create_key(self, principal: Principal, *, spec: KeySpec,
+                         usage: KeyUsage | None, origin: Origin,
+                         instance_id: str | None, description: str,
+                         tags: Mapping[str, str]) -> Key:
+        """Create a user master key in a KMS instance (the default one if none is named).
+
+        :raises InstanceNotFound: :raises UnsupportedOperation: :raises InvalidParameter:
+        :raises Unsupported:
+        """
+        instance_id = instance_id or self._config.default_instances.get(principal.account_id)
+        if instance_id is None:
+            raise MissingParameter("DKMSInstanceId")
+        instance = await self._store.get_instance(instance_id)
+        if instance is None or instance.account_id != principal.account_id:
+            raise InstanceNotFound(instance_id)
+        kind = KIND_INSTANCE[instance.type]
+        info = spec_info(spec)
+        if info.unsupported_reason:
+            raise UnsupportedOperation(info.unsupported_reason)
+        if instance.type not in info.instance_types:
+            raise UnsupportedOperation(f"{spec} keys cannot live in a {instance.type} instance")
+        usage = usage or info.default_usage
+        if usage not in info.usages:
+            raise InvalidParameter("KeyUsage", f"{spec} keys support "
+                                   f"{', '.join(sorted(info.usages))}")
+        if origin is not Origin.ALIYUN_KMS and kind is KeyKind.SOFTWARE:
+            raise Unsupported("Origin", "keys in a software instance take only Aliyun_KMS")
+        if len(description) > 8192:
+            raise InvalidParameter("Description", "at most 8192 characters")
+        _check_tags(tags)
+        key_id = f"key-{self.region.split('-')[-1][:2]}z{secrets.token_hex(10)}"
+        version_id = str(uuid.uuid4())
+        material = await self._backends[kind].generate(version_id=version_id, spec=spec)
+        created = _now(self._clock)
+        key = Key(key_id=key_id, account_id=principal.account_id, region=self.region,
+                  kind=kind, spec=spec, usage=usage, state=KeyState.ENABLED, origin=origin,
+                  protection_level=(ProtectionLevel.HSM if kind is KeyKind.HARDWARE
+                                    else ProtectionLevel.SOFTWARE),
+                  instance_id=instance_id, description=description,
+                  creator=principal.account_id, created=created,
+                  primary_version_id=version_id)
+        await self._store.create_key(key, KeyVersion(key_id, version_id, created, material),
+                                     tags)
+        return key
+
+    async def describe_key(self, principal: Principal, key_ref: str) -> Key:
+        return await self.resolve(principal, key_ref)
+
+    async def list_keys(self, principal: Principal, *,
+                        filters: Sequence[tuple[str, Sequence[str]]],
+                        page_number: int, page_size: int) -> Page[Key]:
+        """Keys of the principal's account; filters AND across names, OR within values.
+
+        :raises InvalidParameter: for an unknown filter name.
+        """
+        keys = list(await self._store.list_keys(principal.account_id, self.region))
+        for name, values in filters:
+            keys = [k for k in keys if await self._matches(k, name, set(values))]
+        return _page(keys, page_number, page_size)
+
+    async def _matches(self, key: Key, name: str, values: set[str]) -> bool:
+        simple = {"KeyState": key.state.value, "KeySpec": key.spec.value,
+                  "KeyUsage": key.usage.value, "ProtectionLevel": key.protection_level.value,
+                  "DKMSInstanceId": key.instance_id or "", "keyId": key.key_id,
+                  "Creator": key.creator,
+                  "CreatorType": "Service" if key.kind is KeyKind.SERVICE else "User"}
+        if name in simple:
+            return simple[name] in values
+        if name == "AliasName":
+            aliases = await self._store.list_aliases(key.account_id, key.region, key.key_id)
+            return any(a.name in values for a in aliases)
+        if name in ("TagKey", "TagValue"):
+            tags = await self._store.get_tags(key.key_id)
+            return bool(values & set(tags if name == "TagKey" else tags.values()))
+        raise InvalidParameter("Filters", f"unknown filter key {name!r}")
+
+    async def set_enabled(self, principal: Principal, key_ref: str, enabled: bool) -> Key:
+        op = Op.ENABLE_KEY if enabled else Op.DISABLE_KEY
+        key = await self._usable(principal, key_ref, op)
+        state = KeyState.ENABLED if enabled else KeyState.DISABLED
+        return key if key.state is state else await self._save(
+            dataclasses.replace(key, state=state))
+
+    async def update_key_description(self, principal: Principal, key_ref: str,
+                                     description: str) -> Key:
+        key = await self._usable(principal, key_ref, Op.UPDATE_KEY_DESCRIPTION)
+        if len(description) > 8192:
+            raise InvalidParameter("Description", "at most 8192 characters")
+        return await self._save(dataclasses.replace(key, description=description))
+
+    # -- aliases ---------------------------------------------------------------------
+
+    @staticmethod
+    def _check_alias(name: str) -> None:
+        if not _ALIAS.fullmatch(name):
+            raise InvalidParameter("AliasName", "alias/ then 1-255 of [A-Za-z0-9_/-]")
+        if name.startswith("alias/acs"):
+            raise Unsupported("Alias", "alias/acs is reserved for service keys")
+
+    async def create_alias(self, principal: Principal, name: str, key_ref: str) -> Alias:
+        """:raises AliasAlreadyExists: :raises Unsupported: for reserved names."""
+        self._check_alias(name)
+        key = await self._usable(principal, key_ref, Op.CREATE_ALIAS)
+        alias = Alias(name, key.key_id, key.account_id, key.region)
+        try:
+            await self._store.create_alias(alias)
+        except StoreConflict:
+            raise AliasAlreadyExists(name) from None
+        return alias
+
+    async def update_alias(self, principal: Principal, name: str, key_ref: str) -> Alias:
+        self._check_alias(name)
+        key = await self._usable(principal, key_ref, Op.UPDATE_ALIAS)
+        alias = Alias(name, key.key_id, key.account_id, key.region)
+        if not await self._store.update_alias(alias):
+            raise AliasNotFound(name)
+        return alias
+
+    async def delete_alias(self, principal: Principal, name: str) -> None:
+        alias = await self._store.get_alias(principal.account_id, self.region, name)
+        if alias is None:
+            raise AliasNotFound(name)
+        key = await self._key(alias.key_id)
+        if key is not None:
+            require(key.kind, Op.DELETE_ALIAS, principal.kind)
+        await self._store.delete_alias(principal.account_id, self.region, name)
+
+    async def list_aliases(self, principal: Principal, *, page_number: int, page_size: int,
+                           key_ref: str | None = None) -> Page[Alias]:
+        key_id = (await self.resolve(principal, key_ref)).key_id if key_ref else None
+        aliases = await self._store.list_aliases(principal.account_id, self.region, key_id)
+        return _page(list(aliases), page_number, page_size)
+
+    # -- tags ------------------------------------------------------------------------
+
+    async def tag_resource(self, principal: Principal, key_ref: str,
+                           tags: Mapping[str, str]) -> None:
+        key = await self._usable(principal, key_ref, Op.TAG_RESOURCE)
+        _check_tags(tags)
+        if not await self._store.set_tags(key.key_id, tags, limit=MAX_TAGS):
+            raise InvalidParameter("Tags", f"a key has at most {MAX_TAGS} tags")
+
+    async def untag_resource(self, principal: Principal, key_ref: str,
+                             tag_keys: Sequence[str]) -> None:
+        key = await self._usable(principal, key_ref, Op.UNTAG_RESOURCE)
+        await self._store.remove_tags(key.key_id, tag_keys)
+
+    async def list_resource_tags(self, principal: Principal, key_ref: str
+                                 ) -> tuple[Key, Mapping[str, str]]:
+        key = await self.resolve(principal, key_ref)
+        return key, await self._store.get_tags(key.key_id)
+
+    # -- symmetric crypto --------------------------------------------------------------
+
+    async def _symmetric(self, principal: Principal, key_ref: str, op: Op) -> Key:
+        key = await self._usable(principal, key_ref, op)
+        if not spec_info(key.spec).symmetric or key.usage is not KeyUsage.ENCRYPT_DECRYPT:
+            raise UnsupportedOperation(f"{op} needs a symmetric ENCRYPT/DECRYPT key, "
+                                       f"not {key.spec} {key.usage}")
+        self._throttle(key)
+        return key
+
+    async def _seal(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None
+                    ) -> CryptoResult:
+        backend, version = await self._backend_version(key)
+        sealed = await backend.seal(version, key.spec, plaintext, context_aad(context))
+        return CryptoResult(key.key_id, version.version_id, join_blob(version.version_id,
+                                                                      sealed))
+
+    async def encrypt(self, principal: Principal, key_ref: str, plaintext: bytes,
+                      context: Mapping[str, str] | None) -> CryptoResult:
+        """Encrypt up to 6 KB under the key's primary version.
+
+        :raises InvalidParameter: :raises KeyStateInvalid: :raises UnsupportedOperation:
+        """
+        if not plaintext or len(plaintext) > MAX_PLAINTEXT_BYTES:
+            raise InvalidParameter("Plaintext", f"1 to {MAX_PLAINTEXT_BYTES} bytes")
+        key = await self._symmetric(principal, key_ref, Op.ENCRYPT)
+        return await self._seal(key, plaintext, context)
+
+    async def _open(self, principal: Principal, blob: bytes,
+                    context: Mapping[str, str] | None, op: Op) -> CryptoResult:
+        version_id, sealed = split_blob(blob)
+        version = await self._version(version_id)
+        if version is None:
+            raise InvalidCiphertext()
+        key = await self._key(version.key_id)
+        if key is None or key.region != self.region:
+            raise InvalidCiphertext()
+        if key.account_id != principal.account_id:
+            raise AccessDenied(principal.arn, "decrypt with a key of another account")
+        require(key.kind, op, principal.kind)
+        require_state(key.state, op)
+        self._throttle(key)
+        plaintext = await self._backends[key.kind].unseal(version, key.spec, sealed,
+                                                          context_aad(context))
+        return CryptoResult(key.key_id, version.version_id, plaintext=plaintext)
+
+    async def decrypt(self, principal: Principal, blob: bytes,
+                      context: Mapping[str, str] | None) -> CryptoResult:
+        """The key comes from the blob. :raises InvalidCiphertext: for any input fault."""
+        return await self._open(principal, blob, context, Op.DECRYPT)
+
+    async def generate_data_key(self, principal: Principal, key_ref: str, *,
+                                number_of_bytes: int | None, key_spec: str | None,
+                                context: Mapping[str, str] | None,
+                                with_plaintext: bool = True) -> DataKey:
+        """A random data key, returned as Base64 text and encrypted as that text (so that
+        Decrypt returns what GenerateDataKey returned, as Alibaba's clients expect)."""
+        size = self._data_key_size(number_of_bytes, key_spec)
+        op = Op.GENERATE_DATA_KEY if with_plaintext else Op.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT
+        key = await self._symmetric(principal, key_ref, op)
+        text = base64.b64encode(os.urandom(size)).decode()
+        sealed = await self._seal(key, text.encode(), context)
+        return DataKey(key.key_id, sealed.version_id, sealed.blob,
+                       text if with_plaintext else "")
+
+    @staticmethod
+    def _data_key_size(number_of_bytes: int | None, key_spec: str | None) -> int:
+        if number_of_bytes is not None:
+            if not 1 <= number_of_bytes <= 1024:
+                raise InvalidParameter("NumberOfBytes", "1 to 1024")
+            return number_of_bytes
+        if key_spec is None:
+            return 32
+        if key_spec not in _DATA_KEY_SPECS:
+            raise InvalidParameter("KeySpec", "AES_256 or AES_128")
+        return _DATA_KEY_SPECS[key_spec]
+
+    async def re_encrypt(self, principal: Principal, blob: bytes, destination_ref: str, *,
+                         source_context: Mapping[str, str] | None,
+                         destination_context: Mapping[str, str] | None) -> CryptoResult:
+        opened = await self._open(principal, blob, source_context, Op.RE_ENCRYPT)
+        key = await self._symmetric(principal, destination_ref, Op.RE_ENCRYPT)
+        return await self._seal(key, opened.plaintext, destination_context)
+
+    # -- data key export ---------------------------------------------------------------
+
+    @staticmethod
+    def _wrap_for_export(public_key_der: bytes, wrapping_spec: str, algorithm: str,
+                         data_key: bytes) -> bytes:
+        if wrapping_spec != "RSA_2048":
+            raise UnsupportedOperation(f"WrappingKeySpec {wrapping_spec} (only RSA_2048; "
+                                       "EC_SM2 is not implemented)")
+        if algorithm not in _WRAPPING:
+            raise InvalidParameter("WrappingAlgorithm", ", ".join(sorted(_WRAPPING)))
+        try:
+            public = serialization.load_der_public_key(public_key_der)
+        except (ValueError, UnsupportedAlgorithm):
+            raise InvalidParameter("PublicKeyBlob", "not a DER SubjectPublicKeyInfo") from None
+        if not isinstance(public, rsa.RSAPublicKey) or public.key_size != 2048:
+            raise InvalidParameter("PublicKeyBlob", "must be an RSA 2048-bit public key")
+        digest = _WRAPPING[algorithm]()
+        return public.encrypt(data_key, padding.OAEP(mgf=padding.MGF1(digest),
+                                                      algorithm=digest, label=None))
+
+    async def generate_and_export_data_key(
+        self, principal: Principal, key_ref: str, *, number_of_bytes: int | None,
+        key_spec: str | None, context: Mapping[str, str] | None, public_key_der: bytes,
+        wrapping_spec: str, wrapping_algorithm: str,
+    ) -> DataKey:
+        """A data key encrypted under the KMS key and, separately, under a caller's public
+        key (RSA-OAEP of the raw data key bytes)."""
+        size = self._data_key_size(number_of_bytes, key_spec)
+        # Check the wrapping inputs before any key material is made.
+        self._wrap_for_export(public_key_der, wrapping_spec, wrapping_algorithm, b"\0")
+        key = await self._symmetric(principal, key_ref, Op.GENERATE_AND_EXPORT_DATA_KEY)
+        raw = os.urandom(size)
+        sealed = await self._seal(key, base64.b64encode(raw), context)
+        exported = self._wrap_for_export(public_key_der, wrapping_spec, wrapping_algorithm,
+                                         raw)
+        return DataKey(key.key_id, sealed.version_id, sealed.blob, "", exported)
+
+    async def export_data_key(self, principal: Principal, blob: bytes, *,
+                              context: Mapping[str, str] | None, public_key_der: bytes,
+                              wrapping_spec: str, wrapping_algorithm: str) -> DataKey:
+        """Re-wrap a data key made by GenerateDataKey under a caller's public key."""
+        self._wrap_for_export(public_key_der, wrapping_spec, wrapping_algorithm, b"\0")
+        opened = await self._open(principal, blob, context, Op.EXPORT_DATA_KEY)
+        try:
+            raw = base64.b64decode(opened.plaintext, validate=True)
+        except ValueError:
+            raise InvalidParameter("CiphertextBlob", "does not hold a data key") from None
+        exported = self._wrap_for_export(public_key_der, wrapping_spec, wrapping_algorithm,
+                                         raw)
+        return DataKey(opened.key_id, opened.version_id, b"", "", exported)
+
+    # -- asymmetric ------------------------------------------------------------------
+
+    async def _asymmetric(self, principal: Principal, key_ref: str, version_id: str | None,
+                          op: Op, usage: KeyUsage | None
+                          ) -> tuple[Key, KeyBackend, KeyVersion]:
+        key = await self._usable(principal, key_ref, op)
+        if spec_info(key.spec).symmetric:
+            raise UnsupportedOperation(f"{op} needs an asymmetric key, not {key.spec}")
+        if usage is not None and key.usage is not usage:
+            raise UnsupportedOperation(f"{op} needs a {usage} key; this key is {key.usage}")
+        self._throttle(key)
+        backend, version = await self._backend_version(key, version_id)
+        return key, backend, version
+
+    def _sign_algorithm(self, key: Key, algorithm: str) -> None:
+        if algorithm not in spec_info(key.spec).sign_algorithms:
+            raise InvalidParameter("Algorithm", f"{key.spec} signs with "
+                                   f"{', '.join(sorted(spec_info(key.spec).sign_algorithms))}")
+
+    async def asymmetric_sign(self, principal: Principal, key_ref: str, version_id: str,
+                              algorithm: str, digest: bytes) -> CryptoResult:
+        key, backend, version = await self._asymmetric(
+            principal, key_ref, version_id, Op.ASYMMETRIC_SIGN, KeyUsage.SIGN_VERIFY)
+        self._sign_algorithm(key, algorithm)
+        signature = await backend.sign(version, key.spec, algorithm, digest)
+        return CryptoResult(key.key_id, version.version_id, plaintext=signature)
+
+    async def asymmetric_verify(self, principal: Principal, key_ref: str, version_id: str,
+                                algorithm: str, digest: bytes, signature: bytes
+                                ) -> tuple[CryptoResult, bool]:
+        key, backend, version = await self._asymmetric(
+            principal, key_ref, version_id, Op.ASYMMETRIC_VERIFY, KeyUsage.SIGN_VERIFY)
+        self._sign_algorithm(key, algorithm)
+        valid = await backend.verify(version, key.spec, algorithm, digest, signature)
+        return CryptoResult(key.key_id, version.version_id), valid
+
+    def _encrypt_algorithm(self, key: Key, algorithm: str) -> int:
+        limits = spec_info(key.spec).encrypt_algorithms
+        if algorithm not in limits:
+            raise InvalidParameter("Algorithm", f"{key.spec} encrypts with "
+                                   f"{', '.join(sorted(limits))}")
+        return limits[algorithm]
+
+    async def asymmetric_encrypt(self, principal: Principal, key_ref: str, version_id: str,
+                                 algorithm: str, plaintext: bytes) -> CryptoResult:
+        key, backend, version = await self._asymmetric(
+            principal, key_ref, version_id, Op.ASYMMETRIC_ENCRYPT, KeyUsage.ENCRYPT_DECRYPT)
+        limit = self._encrypt_algorithm(key, algorithm)
+        if not 1 <= len(plaintext) <= limit:
+            raise InvalidParameter("Plaintext", f"1 to {limit} bytes for {algorithm}")
+        blob = await backend.asymmetric_encrypt(version, key.spec, algorithm, plaintext)
+        return CryptoResult(key.key_id, version.version_id, blob)
+
+    async def asymmetric_decrypt(self, principal: Principal, key_ref: str, version_id: str,
+                                 algorithm: str, ciphertext: bytes) -> CryptoResult:
+        key, backend, version = await self._asymmetric(
+            principal, key_ref, version_id, Op.ASYMMETRIC_DECRYPT, KeyUsage.ENCRYPT_DECRYPT)
+        self._encrypt_algorithm(key, algorithm)
+        plaintext = await backend.asymmetric_decrypt(version, key.spec, algorithm, ciphertext)
+        return CryptoResult(key.key_id, version.version_id, plaintext=plaintext)
+
+    async def get_public_key(self, principal: Principal, key_ref: str,
+                             version_id: str | None) -> CryptoResult:
+        key, backend, version = await self._asymmetric(
+            principal, key_ref, version_id, Op.GET_PUBLIC_KEY, None)
+        pem = await backend.public_key_pem(version, key.spec)
+        return CryptoResult(key.key_id, version.version_id, plaintext=pem)

@@ -1,0 +1,1 @@
+"""Metadata stores behind one interface (``base.Store``): SQLite now, PostgreSQL later."""

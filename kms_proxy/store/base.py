@@ -1,0 +1,67 @@
+"""The metadata store interface. Every write is one transaction: it happens whole or not at
+all, so a failed request changes nothing. Implementations never hold plaintext material
+(key versions carry only what the backend wrapped)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from kms_proxy.core.model import Alias, Instance, Key, KeyVersion
+
+__all__ = ["Store", "StoreConflict"]
+
+
+class StoreConflict(Exception):
+    """A uniqueness rule was broken (an alias that exists, a key id reused)."""
+
+
+class Store(Protocol):
+    async def put_instance(self, instance: Instance) -> None:
+        """Create or replace an instance."""
+        ...
+
+    async def get_instance(self, instance_id: str) -> Instance | None: ...
+
+    async def list_instances(self, account_id: str, region: str) -> Sequence[Instance]: ...
+
+    async def create_key(self, key: Key, version: KeyVersion,
+                         tags: Mapping[str, str]) -> None:
+        """Insert a key with its first version and tags. :raises StoreConflict:"""
+        ...
+
+    async def get_key(self, key_id: str) -> Key | None: ...
+
+    async def update_key(self, key: Key) -> None:
+        """Replace a key's metadata (its id, account and region do not change)."""
+        ...
+
+    async def list_keys(self, account_id: str, region: str) -> Sequence[Key]: ...
+
+    async def get_version(self, version_id: str) -> KeyVersion | None: ...
+
+    async def create_alias(self, alias: Alias) -> None:
+        """:raises StoreConflict: if the name exists in the account and region."""
+        ...
+
+    async def update_alias(self, alias: Alias) -> bool:
+        """Point an existing alias elsewhere; False if it does not exist."""
+        ...
+
+    async def delete_alias(self, account_id: str, region: str, name: str) -> bool: ...
+
+    async def get_alias(self, account_id: str, region: str, name: str) -> Alias | None: ...
+
+    async def list_aliases(self, account_id: str, region: str,
+                           key_id: str | None = None) -> Sequence[Alias]:
+        """Aliases of an account and region (of one key if given), sorted by name."""
+        ...
+
+    async def get_tags(self, key_id: str) -> Mapping[str, str]: ...
+
+    async def set_tags(self, key_id: str, tags: Mapping[str, str], *, limit: int) -> bool:
+        """Add or overwrite tags unless the key would then have more than ``limit``;
+        returns False (and changes nothing) in that case."""
+        ...
+
+    async def remove_tags(self, key_id: str, tag_keys: Sequence[str]) -> None: ...
