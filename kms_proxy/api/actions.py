@@ -354,7 +354,8 @@ async def get_kms_instance(c: Call) -> dict[str, Any]:
     i = view.instance
     return {"KmsInstance": {
         "InstanceId": i.instance_id, "InstanceName": i.name, "Status": view.status,
-        "Spec": i.spec_qps, "KeyNum": view.key_count, "SecretNum": 0, "CreateTime": i.created, "StartDate": i.created,
+        "Spec": i.spec_qps, "KeyNum": view.key_count, "SecretNum": 0,
+        "CreateTime": i.created, "StartDate": i.created,
         "ChargeType": "POSTPAY", "ProductVersion": "3", "SaleStatus": "normal",
         "ProductType": f"kms_{i.type.value}_instance", "DeletionProtection": "Disabled",
     }}

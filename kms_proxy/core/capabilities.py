@@ -23,8 +23,8 @@ __all__ = [
     "Capability",
     "Op",
     "SpecInfo",
-    "required_capability",
     "require",
+    "required_capability",
     "spec_info",
 ]
 

@@ -13,14 +13,13 @@ from kms_proxy.core.model import KeyState
 
 __all__ = ["STATE_RULES", "require_state"]
 
-E, D, P, I = (KeyState.ENABLED, KeyState.DISABLED, KeyState.PENDING_DELETION,
-              KeyState.PENDING_IMPORT)
 _MODIFY = "Rejected.StateModifiedFailed"
 
 
 def _row(**rejections: str) -> Mapping[KeyState, str]:
     """One row: the states that reject the action, each with its Alibaba code."""
-    names = {"disabled": D, "pending_deletion": P, "pending_import": I, "enabled": E}
+    names = {"disabled": KeyState.DISABLED, "pending_deletion": KeyState.PENDING_DELETION,
+             "pending_import": KeyState.PENDING_IMPORT, "enabled": KeyState.ENABLED}
     return MappingProxyType({names[state]: code for state, code in rejections.items()})
 
 
