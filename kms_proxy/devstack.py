@@ -16,11 +16,11 @@ import os
 import secrets
 import ssl
 import string
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Final
 
-from ekm_sim import devstack as ekm_devstack
 from shared.certs import DevCA
 from shared.serving import start_background, stop_process, write_atomically
 
@@ -91,7 +91,10 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
         except ProcessLookupError:
             pass
     workdir.mkdir(parents=True, exist_ok=True)
-    ekm = ekm_devstack.up(workdir / "ekm")
+    # The simulator is its own program: start it through its CLI, read its ekm.json.
+    subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "up", "--workdir",
+                    str(workdir / "ekm")], check=True, capture_output=True, timeout=timeout)
+    ekm = json.loads((workdir / "ekm" / "ekm.json").read_text())
     ca = DevCA.load_or_create(workdir / "certs")
     server = ca.issue("kms", common_name="localhost", sans=["localhost", "127.0.0.1"],
                       server=True)
@@ -138,4 +141,5 @@ def down(workdir: Path) -> None:
     if stack_path.exists():
         stop_process(int(json.loads(stack_path.read_text())["pid"]))
         stack_path.unlink()
-    ekm_devstack.down(workdir / "ekm")
+    subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "down", "--workdir",
+                    str(workdir / "ekm")], check=True, capture_output=True, timeout=60)

@@ -34,8 +34,11 @@ RULES = [
     Rule("ekm_sim does not import kms_proxy", ("ekm_sim/",), frozenset({"kms_proxy"})),
     Rule("kms_proxy does not import ekm_sim", ("kms_proxy/",), frozenset({"ekm_sim"})),
     Rule("domain modules and shared/ stay free of aiohttp",
-         ("ekm_sim/keystore.py", "ekm_sim/registry.py", "ekm_sim/errors.py", "shared/"),
-         frozenset({"aiohttp"})),
+         ("ekm_sim/keystore.py", "ekm_sim/registry.py", "ekm_sim/errors.py", "shared/",
+          "kms_proxy/core/", "kms_proxy/backends/", "kms_proxy/store/"),
+         frozenset({"aiohttp"}),
+         # Running an app until a signal is what this module is for.
+         allowed=("shared/serving.py",)),
     Rule("only the PKCS#11 owners import pkcs11",
          ("shared/", "ekm_sim/", "kms_proxy/"),
          frozenset({"pkcs11"}),
@@ -121,7 +124,7 @@ def test_the_rules_name_existing_files() -> None:
     for rule in RULES:
         for pattern in (*rule.applies_to, *rule.allowed):
             if pattern.endswith("/"):
-                assert pattern.rstrip("/") in PACKAGES, pattern
+                assert (ROOT / pattern).is_dir(), pattern
             else:
                 assert (ROOT / pattern).is_file(), pattern
 
