@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.ratelimit import TokenBucket
 from ekm_sim.registry import KeyRecord, KeyRegistry, RegistryError
+from shared.ratelimit import TokenBucket
 
 
 class FakeClock:
