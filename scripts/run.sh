@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The README's main command: set up, start the dev simulator in the background
-# (var/dev/ekm.json describes it) and run the demo against it.
+# The README's main command: set up, start the dev stack in the background (the EKM
+# simulator and the KMS front; var/stack/stack.json describes it) and run the demos.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-workdir=${EKM_DEV_WORKDIR:-var/dev}
-.venv/bin/ekm-sim dev up --workdir "$workdir" >/dev/null
-.venv/bin/python -m ekm_sim.demo "$workdir/ekm.json"
+workdir=${KMS_DEV_WORKDIR:-var/stack}
+.venv/bin/kms-proxy dev up --workdir "$workdir" >/dev/null
+echo "== The KMS front, driven by the official Alibaba Cloud KMS SDK =="
+.venv/bin/python -m kms_proxy.demo "$workdir/stack.json"
 echo
-echo "The simulator keeps running: $workdir/ekm.json describes it."
-echo "Stop it with: .venv/bin/ekm-sim dev down --workdir $workdir"
+echo "== The EKM simulator (XKS Proxy API v1), driven like KMS drives it =="
+.venv/bin/python -m ekm_sim.demo "$workdir/ekm/ekm.json"
+echo
+echo "The stack keeps running: $workdir/stack.json describes it."
+echo "Stop it with: .venv/bin/kms-proxy dev down --workdir $workdir"
