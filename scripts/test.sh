@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
-.venv/bin/mypy shared ekm_sim
+.venv/bin/mypy shared ekm_sim kms_proxy
 set +e
 .venv/bin/pytest -q "$@"
 rc=$?
