@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -116,21 +117,28 @@ def _principal(access_key: AccessKey) -> Principal:
     return Principal(account_id=access_key.account_id, name=access_key.user)
 
 
-def _audit_key(body: dict[str, Any], params: dict[str, str]) -> str | None:
+def _audit_key(body: dict[str, Any], params: dict[str, str], succeeded: bool
+               ) -> tuple[str | None, bool]:
+    """The key an action used (from the answer, or a bare key id the action accepted) or
+    named (as given, on failure), and whether that is a key of the caller's account."""
     metadata = body.get("KeyMetadata")
     if isinstance(metadata, dict):
-        return str(metadata.get("KeyId"))
-    key_id = body.get("KeyId") or params.get("KeyId") or params.get("DestinationKeyId")
-    return str(key_id) if key_id else None
+        return str(metadata.get("KeyId")), True
+    if body.get("KeyId"):
+        return str(body["KeyId"]), True
+    named = params.get("KeyId") or params.get("DestinationKeyId")
+    if not named:
+        return None, False
+    return named[:256], succeeded and named.startswith("key-")
 
 
 def _audit(request: web.Request, action: str, principal: Principal, outcome: str,
            error_code: str | None, result: dict[str, Any], params: dict[str, str]) -> None:
     """One audit event per authenticated action, successful or not (never plaintext)."""
     audit = request.app[AUDIT]
-    key_id = _audit_key(result, params)
+    key_id, resolved = _audit_key(result, params, outcome == "Success")
     key_arn = None
-    if key_id and key_id.startswith("key-"):
+    if key_id and resolved:
         key_arn = f"acs:kms:{request.app[SERVICE].region}:{principal.account_id}:key/{key_id}"
     details: dict[str, str | int | bool | None] = {}
     if "KeyVersionId" in result:
@@ -147,6 +155,14 @@ async def rpc(request: web.Request) -> web.Response:
     """Every OpenAPI action."""
     request_id = request[REQUEST_ID]
     query, form, body = await _parameters(request)
+    # Authenticate first, so an anonymous caller learns nothing about actions or versions.
+    try:
+        access_key = request.app[VERIFIER].verify(
+            method=request.method, raw_path=request.raw_path,
+            query_string=request.rel_url.raw_query_string, headers=request.headers,
+            body=body, form=form)
+    except SignatureError as exc:
+        raise ApiError(str(exc.code), exc.status, exc.message) from None
     action = request.headers.get("x-acs-action") or query.get("Action") or form.get("Action")
     if not action:
         raise ApiError("MissingParameter", 400, 'The parameter "Action" is needed but not '
@@ -159,13 +175,6 @@ async def rpc(request: web.Request) -> web.Response:
     if spec is None:
         raise ApiError("InvalidAction.NotFound", 404, f"Specified api {action!r} is not "
                        "found.")
-    try:
-        access_key = request.app[VERIFIER].verify(
-            method=request.method, raw_path=request.raw_path,
-            query_string=request.rel_url.raw_query_string, headers=request.headers,
-            body=body, form=form)
-    except SignatureError as exc:
-        raise ApiError(str(exc.code), exc.status, exc.message) from None
     principal = _principal(access_key)
     params = {k: v for k, v in {**query, **form}.items() if k not in _PROTOCOL_PARAMS}
     outcome, result = "Failure", {}
@@ -200,7 +209,8 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[VERIFIER] = RequestVerifier(
         [AccessKey(id=k.id, secret=k.secret, account_id=a.id, user=k.user)
-         for a in config.accounts for k in a.access_keys])
+         for a in config.accounts for k in a.access_keys],
+        max_skew=timedelta(seconds=config.max_clock_skew))
 
     async def resources(app: web.Application) -> Any:
         async with SQLiteStore(config.database) as store, \

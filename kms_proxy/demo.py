@@ -31,7 +31,7 @@ def attempt(step: str, call: Callable[[], Any]) -> Any:
     """Run one SDK call and print its outcome: the Alibaba error code if it is refused."""
     try:
         result = call()
-    except Exception as exc:  # noqa: BLE001 - the SDK raises its own exception types.
+    except Exception as exc:
         code = getattr(exc, "code", None) or type(exc).__name__
         status = getattr(exc, "status_code", None) or getattr(exc, "statusCode", "")
         print(f"  {step:<62} -> refused: {status} {code}")

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from kms_proxy.api.params import Params
-from kms_proxy.core.errors import UnsupportedOperation
+from kms_proxy.core.errors import InvalidParameter, UnsupportedOperation
 from kms_proxy.core.model import Alias, Instance, Key, KeySpec, KeyUsage, Origin, Principal
 from kms_proxy.core.service import KeyService, Page
 
@@ -170,9 +170,10 @@ def _tagged_key(p: Params) -> str:
 
 
 async def tag_resource(c: Call) -> dict[str, Any]:
+    c.params.text("Tags")  # raises MissingParameter when absent
     tags = c.params.tags("Tags")
     if not tags:
-        c.params.text("Tags")  # raises MissingParameter
+        raise InvalidParameter("Tags", "at least one tag is needed")
     await c.service.tag_resource(c.principal, _tagged_key(c.params), tags)
     return {}
 
@@ -354,10 +355,11 @@ async def get_kms_instance(c: Call) -> dict[str, Any]:
     i = view.instance
     return {"KmsInstance": {
         "InstanceId": i.instance_id, "InstanceName": i.name, "Status": view.status,
-        "Spec": i.spec_qps, "KeyNum": view.key_count, "SecretNum": 0,
+        "Spec": i.spec_qps, "KeyNum": view.key_count, "SecretNum": "0",
         "CreateTime": i.created, "StartDate": i.created,
         "ChargeType": "POSTPAY", "ProductVersion": "3", "SaleStatus": "normal",
-        "ProductType": f"kms_{i.type.value}_instance", "DeletionProtection": "Disabled",
+        # Not one of Alibaba's billing product types: this names the instance type.
+        "ProductType": f"kms_{i.type.value}_instance", "DeletionProtection": False,
     }}
 
 

@@ -98,7 +98,8 @@ class Params:
             return None
         try:
             return json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: nesting deeper than the parser's recursion limit.
             raise InvalidParameter(name, "not valid JSON") from None
 
     def context(self, name: str = "EncryptionContext") -> dict[str, str] | None:

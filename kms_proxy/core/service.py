@@ -64,8 +64,9 @@ T = TypeVar("T")
 MAX_PLAINTEXT_BYTES: Final = 6 * 1024
 MAX_TAGS: Final = 20
 _ALIAS: Final = re.compile(r"alias/[A-Za-z0-9_/-]{1,255}")
-_TAG_CHARS: Final = re.compile(r"[A-Za-z0-9/\\_\-.+=:@ ]{1,128}")
-_TAG_VALUE_CHARS: Final = re.compile(r"[A-Za-z0-9/\\_\-.+=:@ ]{0,128}")
+# Tag keys and values: letters, digits and / \ _ - . + = : @ (reference section 5).
+_TAG_CHARS: Final = re.compile(r"[A-Za-z0-9/\\_\-.+=:@]{1,128}")
+_TAG_VALUE_CHARS: Final = re.compile(r"[A-Za-z0-9/\\_\-.+=:@]{0,128}")
 _ARN: Final = re.compile(
     r"acs:kms:(?P<region>[^:]+):(?P<account>[^:]+):(?P<kind>key|alias)/(?P<rest>.+)")
 _DATA_KEY_SPECS: Final = {"AES_256": 32, "AES_128": 16}
@@ -121,6 +122,15 @@ def _page(items: Sequence[T], number: int, size: int) -> Page[T]:
     start = (number - 1) * size
     return Page(items=items[start:start + size], page_number=number, page_size=size,
                 total=len(items))
+
+
+# Alibaba's key ids start with a short region code (key-hzz... for cn-hangzhou).
+_REGION_CODES: Final = {"cn-hangzhou": "hzz", "cn-shanghai": "shz", "cn-beijing": "bjz",
+                        "cn-shenzhen": "szz", "cn-guangzhou": "gzz", "cn-hongkong": "hkz"}
+
+
+def _region_code(region: str) -> str:
+    return _REGION_CODES.get(region) or f"{region.split('-')[-1][:2]}z"
 
 
 def _check_tags(tags: Mapping[str, str]) -> None:
@@ -285,7 +295,7 @@ class KeyService:
         if len(description) > 8192:
             raise InvalidParameter("Description", "at most 8192 characters")
         _check_tags(tags)
-        key_id = f"key-{self.region.split('-')[-1][:2]}z{secrets.token_hex(10)}"
+        key_id = f"key-{_region_code(self.region)}{secrets.token_hex(10)}"
         version_id = str(uuid.uuid4())
         material = await self._backends[kind].generate(version_id=version_id, spec=spec)
         created = _now(self._clock)
@@ -442,7 +452,10 @@ class KeyService:
         if version is None:
             raise InvalidCiphertext()
         key = await self._key(version.key_id)
-        if key is None or key.region != self.region:
+        # A blob naming a version of an asymmetric key (whose ids are public) is as invalid
+        # as one naming no key at all.
+        if (key is None or key.region != self.region or not spec_info(key.spec).symmetric
+                or key.usage is not KeyUsage.ENCRYPT_DECRYPT):
             raise InvalidCiphertext()
         if key.account_id != principal.account_id:
             raise AccessDenied(principal.arn, "decrypt with a key of another account")
@@ -508,6 +521,11 @@ class KeyService:
         if not isinstance(public, rsa.RSAPublicKey) or public.key_size != 2048:
             raise InvalidParameter("PublicKeyBlob", "must be an RSA 2048-bit public key")
         digest = _WRAPPING[algorithm]()
+        # RSA-OAEP takes at most k - 2*hLen - 2 bytes (RFC 8017 section 7.1.1).
+        limit = public.key_size // 8 - 2 * digest.digest_size - 2
+        if len(data_key) > limit:
+            raise InvalidParameter("NumberOfBytes", f"a data key wrapped with {algorithm} "
+                                   f"under RSA_2048 has at most {limit} bytes")
         return public.encrypt(data_key, padding.OAEP(mgf=padding.MGF1(digest),
                                                       algorithm=digest, label=None))
 
@@ -519,8 +537,9 @@ class KeyService:
         """A data key encrypted under the KMS key and, separately, under a caller's public
         key (RSA-OAEP of the raw data key bytes)."""
         size = self._data_key_size(number_of_bytes, key_spec)
-        # Check the wrapping inputs before any key material is made.
-        self._wrap_for_export(public_key_der, wrapping_spec, wrapping_algorithm, b"\0")
+        # Check the wrapping inputs (and that a key of this size can be wrapped) before any
+        # key material is made.
+        self._wrap_for_export(public_key_der, wrapping_spec, wrapping_algorithm, bytes(size))
         key = await self._symmetric(principal, key_ref, Op.GENERATE_AND_EXPORT_DATA_KEY)
         raw = os.urandom(size)
         sealed = await self._seal(key, base64.b64encode(raw), context)
