@@ -27,6 +27,7 @@ from kms_proxy.api.signing import AccessKey, RequestVerifier, SignatureError
 from kms_proxy.backends.software import SoftwareBackend
 from kms_proxy.config import Config
 from kms_proxy.core.audit import AuditEvent, AuditLog
+from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
 from kms_proxy.core.errors import KmsError
 from kms_proxy.core.model import Instance, KeyKind, Principal
 from kms_proxy.core.service import KeyService, ServiceConfig
@@ -71,6 +72,8 @@ def _from_http(exc: web.HTTPException) -> ApiError:
 @web.middleware
 async def _envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request[REQUEST_ID] = str(uuid.uuid4()).upper()
+    # The core reads it when it tells a backend (an external key manager) who calls.
+    REQUEST_ID_VAR.set(request_id)
     started = time.perf_counter()
     try:
         response = await handler(request)

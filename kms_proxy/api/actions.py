@@ -11,7 +11,16 @@ from typing import Any, Final
 
 from kms_proxy.api.params import Params
 from kms_proxy.core.errors import InvalidParameter, UnsupportedOperation
-from kms_proxy.core.model import Alias, Instance, Key, KeySpec, KeyUsage, Origin, Principal
+from kms_proxy.core.model import (
+    Alias,
+    Instance,
+    Key,
+    KeySpec,
+    KeyStorageMechanism,
+    KeyUsage,
+    Origin,
+    Principal,
+)
 from kms_proxy.core.service import KeyService, Page
 
 __all__ = ["ACTIONS", "Action", "Call"]
@@ -61,6 +70,10 @@ def key_metadata(key: Key, *, describe: bool = False) -> dict[str, Any]:
         metadata["DKMSInstanceId"] = key.instance_id
     if key.delete_date:
         metadata["DeleteDate"] = key.delete_date
+    if key.storage_mechanism is not None:
+        metadata["KeyStorageMechanism"] = key.storage_mechanism.value
+    if key.external_key_id is not None:
+        metadata["ExternalKeyId"] = key.external_key_id
     if describe:
         metadata["DeletionProtection"] = "Enabled" if key.deletion_protection else "Disabled"
         metadata["DeletionProtectionDescription"] = key.deletion_protection_description
@@ -92,7 +105,11 @@ async def create_key(c: Call) -> dict[str, Any]:
         origin=p.enum("Origin", Origin, default=Origin.ALIYUN_KMS) or Origin.ALIYUN_KMS,
         instance_id=p.optional_text("DKMSInstanceId", max_len=128),
         description=p.get("Description") or "",
-        tags=p.tags("Tags"))
+        tags=p.tags("Tags"),
+        storage=p.enum("KeyStorageMechanism", KeyStorageMechanism),
+        # This project's extension for external (XKI) keys: the key's id in the external
+        # key manager. Send it with the SDK's generic call_api (see the README).
+        external_key_id=p.optional_text("ExternalKeyId", max_len=128))
     return {"KeyMetadata": key_metadata(key)}
 
 
@@ -370,7 +387,8 @@ async def describe_regions(c: Call) -> dict[str, Any]:
 _CTX = ("EncryptionContext", "DryRun")
 ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "CreateKey": Action(create_key, (), ("DKMSInstanceId", "KeySpec", "KeyUsage", "Origin",
-                                         "Description", "Tags"), "Create a key"),
+                                         "Description", "Tags", "KeyStorageMechanism",
+                                         "ExternalKeyId"), "Create a key"),
     "DescribeKey": Action(describe_key, ("KeyId",), (), "A key's metadata"),
     "ListKeys": Action(list_keys, (), ("Filters", "PageNumber", "PageSize"), "List keys"),
     "EnableKey": Action(enable_key, ("KeyId",), (), "Enable a key"),

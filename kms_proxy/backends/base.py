@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from kms_proxy.core.model import KeySpec, KeyVersion
+from kms_proxy.core.model import CallInfo, KeySpec, KeyStorageMechanism, KeyVersion
 
 __all__ = ["KeyBackend"]
 
@@ -13,20 +13,24 @@ __all__ = ["KeyBackend"]
 class KeyBackend(Protocol):
     name: str
 
-    async def generate(self, *, version_id: str, spec: KeySpec) -> bytes:
-        """Create key material for one version; return what the store keeps to find it.
+    async def generate(self, *, version_id: str, spec: KeySpec,
+                       storage: KeyStorageMechanism | None = None,
+                       external_key_id: str | None = None, call: CallInfo) -> bytes:
+        """Create (or, for an external key, link and check) the material of one version;
+        return what the store keeps to find it again.
 
         :raises UnsupportedOperation: if the backend cannot hold ``spec``.
+        :raises InvalidParameter: for a storage mechanism or external key id it cannot use.
         """
         ...
 
     async def seal(self, version: KeyVersion, spec: KeySpec, plaintext: bytes,
-                   aad: bytes) -> bytes:
+                   aad: bytes, *, call: CallInfo) -> bytes:
         """Authenticated symmetric encryption. :raises DependencyUnavailable:"""
         ...
 
     async def unseal(self, version: KeyVersion, spec: KeySpec, sealed: bytes,
-                     aad: bytes) -> bytes:
+                     aad: bytes, *, call: CallInfo) -> bytes:
         """Inverse of ``seal``. :raises InvalidCiphertext: for any input fault."""
         ...
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms_proxy.core.errors import InvalidCiphertext, InvalidParameter, UnsupportedOperation
-from kms_proxy.core.model import KeySpec, KeyVersion
+from kms_proxy.core.model import CallInfo, KeySpec, KeyStorageMechanism, KeyVersion
 
 __all__ = ["SoftwareBackend"]
 
@@ -81,7 +81,12 @@ class SoftwareBackend:
             self._cache.popitem(last=False)
         return key
 
-    async def generate(self, *, version_id: str, spec: KeySpec) -> bytes:
+    async def generate(self, *, version_id: str, spec: KeySpec,
+                       storage: KeyStorageMechanism | None = None,
+                       external_key_id: str | None = None, call: CallInfo) -> bytes:
+        if storage is not None or external_key_id is not None:
+            raise InvalidParameter("KeyStorageMechanism" if storage else "ExternalKeyId",
+                                    "applies to hardware or external keys only")
         if spec in _SYMMETRIC_BYTES:
             return self._wrap(version_id, os.urandom(_SYMMETRIC_BYTES[spec]))
         return self._wrap(version_id, await asyncio.to_thread(_new_private_key_der, spec))
@@ -89,7 +94,7 @@ class SoftwareBackend:
     # -- symmetric -----------------------------------------------------------------------
 
     async def seal(self, version: KeyVersion, spec: KeySpec, plaintext: bytes,
-                   aad: bytes) -> bytes:
+                   aad: bytes, *, call: CallInfo) -> bytes:
         key = self._key(version, spec)
         iv = os.urandom(IV_BYTES)
         if spec is KeySpec.SM4:
@@ -100,7 +105,7 @@ class SoftwareBackend:
         return iv + bytes(key.encrypt(iv, plaintext, aad))
 
     async def unseal(self, version: KeyVersion, spec: KeySpec, sealed: bytes,
-                     aad: bytes) -> bytes:
+                     aad: bytes, *, call: CallInfo) -> bytes:
         if len(sealed) < IV_BYTES + TAG_BYTES:
             raise InvalidCiphertext()
         key = self._key(version, spec)

@@ -11,12 +11,14 @@ from enum import StrEnum
 
 __all__ = [
     "Alias",
+    "CallInfo",
     "Instance",
     "InstanceType",
     "Key",
     "KeyKind",
     "KeySpec",
     "KeyState",
+    "KeyStorageMechanism",
     "KeyUsage",
     "KeyVersion",
     "Origin",
@@ -58,6 +60,13 @@ class Origin(StrEnum):
 class ProtectionLevel(StrEnum):
     SOFTWARE = "SOFTWARE"
     HSM = "HSM"
+
+
+class KeyStorageMechanism(StrEnum):
+    """Where a hardware key's material lives (CreateKey ``KeyStorageMechanism``)."""
+
+    HSM_INTERNAL = "HsmInternal"
+    HSM_ENCRYPTED_DATABASE = "HsmEncryptedDatabase"
 
 
 class InstanceType(StrEnum):
@@ -102,6 +111,17 @@ class Principal:
 
 
 @dataclass(frozen=True, slots=True)
+class CallInfo:
+    """Who a backend call is for: what an external key manager logs and may authorise
+    (XKS ``requestMetadata``)."""
+
+    request_id: str
+    principal_arn: str
+    operation: str
+    key_arn: str
+
+
+@dataclass(frozen=True, slots=True)
 class Instance:
     instance_id: str
     account_id: str
@@ -132,6 +152,10 @@ class Key:
     delete_date: str | None = None
     deletion_protection: bool = False
     deletion_protection_description: str = ""
+    # Hardware keys only.
+    storage_mechanism: KeyStorageMechanism | None = None
+    # External keys only: the key's id in the external key manager (XKS externalKeyId).
+    external_key_id: str | None = None
 
     @property
     def arn(self) -> str:

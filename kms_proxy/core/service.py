@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from kms_proxy.backends.base import KeyBackend
 from kms_proxy.core.blob import context_aad, join_blob, split_blob
+from kms_proxy.core.calls import current_request_id
 from kms_proxy.core.capabilities import KIND_INSTANCE, Op, require, spec_info
 from kms_proxy.core.errors import (
     AccessDenied,
@@ -42,11 +43,13 @@ from kms_proxy.core.errors import (
 )
 from kms_proxy.core.model import (
     Alias,
+    CallInfo,
     Instance,
     Key,
     KeyKind,
     KeySpec,
     KeyState,
+    KeyStorageMechanism,
     KeyUsage,
     KeyVersion,
     Origin,
@@ -211,6 +214,11 @@ class KeyService:
             raise KeyNotFound(key_ref)
         return key
 
+    @staticmethod
+    def _call(principal: Principal, op: Op, key_arn: str) -> CallInfo:
+        return CallInfo(request_id=current_request_id(), principal_arn=principal.arn,
+                        operation=op.value, key_arn=key_arn)
+
     async def _usable(self, principal: Principal, key_ref: str, op: Op) -> Key:
         key = await self.resolve(principal, key_ref)
         require(key.kind, op, principal.kind)
@@ -268,7 +276,9 @@ class KeyService:
     async def create_key(self, principal: Principal, *, spec: KeySpec,
                          usage: KeyUsage | None, origin: Origin,
                          instance_id: str | None, description: str,
-                         tags: Mapping[str, str]) -> Key:
+                         tags: Mapping[str, str],
+                         storage: KeyStorageMechanism | None = None,
+                         external_key_id: str | None = None) -> Key:
         """Create a user master key in a KMS instance (the default one if none is named).
 
         :raises InstanceNotFound: :raises UnsupportedOperation: :raises InvalidParameter:
@@ -295,9 +305,19 @@ class KeyService:
         if len(description) > 8192:
             raise InvalidParameter("Description", "at most 8192 characters")
         _check_tags(tags)
+        if kind is KeyKind.HARDWARE:
+            storage = storage or KeyStorageMechanism.HSM_INTERNAL
+        elif storage is not None:
+            raise InvalidParameter("KeyStorageMechanism", "applies to hardware keys only")
+        if (kind is KeyKind.EXTERNAL) != (external_key_id is not None):
+            raise (MissingParameter("ExternalKeyId") if kind is KeyKind.EXTERNAL else
+                   InvalidParameter("ExternalKeyId", "applies to external keys only"))
         key_id = f"key-{_region_code(self.region)}{secrets.token_hex(10)}"
         version_id = str(uuid.uuid4())
-        material = await self._backends[kind].generate(version_id=version_id, spec=spec)
+        arn = f"acs:kms:{self.region}:{principal.account_id}:key/{key_id}"
+        material = await self._backends[kind].generate(
+            version_id=version_id, spec=spec, storage=storage,
+            external_key_id=external_key_id, call=self._call(principal, Op.CREATE_KEY, arn))
         created = _now(self._clock)
         key = Key(key_id=key_id, account_id=principal.account_id, region=self.region,
                   kind=kind, spec=spec, usage=usage, state=KeyState.ENABLED, origin=origin,
@@ -305,7 +325,8 @@ class KeyService:
                                     else ProtectionLevel.SOFTWARE),
                   instance_id=instance_id, description=description,
                   creator=principal.account_id, created=created,
-                  primary_version_id=version_id)
+                  primary_version_id=version_id, storage_mechanism=storage,
+                  external_key_id=external_key_id)
         await self._store.create_key(key, KeyVersion(key_id, version_id, created, material),
                                      tags)
         return key
@@ -427,10 +448,11 @@ class KeyService:
         self._throttle(key)
         return key
 
-    async def _seal(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None
-                    ) -> CryptoResult:
+    async def _seal(self, principal: Principal, op: Op, key: Key, plaintext: bytes,
+                    context: Mapping[str, str] | None) -> CryptoResult:
         backend, version = await self._backend_version(key)
-        sealed = await backend.seal(version, key.spec, plaintext, context_aad(context))
+        sealed = await backend.seal(version, key.spec, plaintext, context_aad(context),
+                                    call=self._call(principal, op, key.arn))
         return CryptoResult(key.key_id, version.version_id, join_blob(version.version_id,
                                                                       sealed))
 
@@ -443,7 +465,7 @@ class KeyService:
         if not plaintext or len(plaintext) > MAX_PLAINTEXT_BYTES:
             raise InvalidParameter("Plaintext", f"1 to {MAX_PLAINTEXT_BYTES} bytes")
         key = await self._symmetric(principal, key_ref, Op.ENCRYPT)
-        return await self._seal(key, plaintext, context)
+        return await self._seal(principal, Op.ENCRYPT, key, plaintext, context)
 
     async def _open(self, principal: Principal, blob: bytes,
                     context: Mapping[str, str] | None, op: Op) -> CryptoResult:
@@ -462,8 +484,9 @@ class KeyService:
         require(key.kind, op, principal.kind)
         require_state(key.state, op)
         self._throttle(key)
-        plaintext = await self._backends[key.kind].unseal(version, key.spec, sealed,
-                                                          context_aad(context))
+        plaintext = await self._backends[key.kind].unseal(
+            version, key.spec, sealed, context_aad(context),
+            call=self._call(principal, op, key.arn))
         return CryptoResult(key.key_id, version.version_id, plaintext=plaintext)
 
     async def decrypt(self, principal: Principal, blob: bytes,
@@ -481,7 +504,7 @@ class KeyService:
         op = Op.GENERATE_DATA_KEY if with_plaintext else Op.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT
         key = await self._symmetric(principal, key_ref, op)
         text = base64.b64encode(os.urandom(size)).decode()
-        sealed = await self._seal(key, text.encode(), context)
+        sealed = await self._seal(principal, op, key, text.encode(), context)
         return DataKey(key.key_id, sealed.version_id, sealed.blob,
                        text if with_plaintext else "")
 
@@ -502,7 +525,8 @@ class KeyService:
                          destination_context: Mapping[str, str] | None) -> CryptoResult:
         opened = await self._open(principal, blob, source_context, Op.RE_ENCRYPT)
         key = await self._symmetric(principal, destination_ref, Op.RE_ENCRYPT)
-        return await self._seal(key, opened.plaintext, destination_context)
+        return await self._seal(principal, Op.RE_ENCRYPT, key, opened.plaintext,
+                                destination_context)
 
     # -- data key export ---------------------------------------------------------------
 
@@ -542,7 +566,8 @@ class KeyService:
         self._wrap_for_export(public_key_der, wrapping_spec, wrapping_algorithm, bytes(size))
         key = await self._symmetric(principal, key_ref, Op.GENERATE_AND_EXPORT_DATA_KEY)
         raw = os.urandom(size)
-        sealed = await self._seal(key, base64.b64encode(raw), context)
+        sealed = await self._seal(principal, Op.GENERATE_AND_EXPORT_DATA_KEY, key,
+                                  base64.b64encode(raw), context)
         exported = self._wrap_for_export(public_key_der, wrapping_spec, wrapping_algorithm,
                                          raw)
         return DataKey(key.key_id, sealed.version_id, sealed.blob, "", exported)

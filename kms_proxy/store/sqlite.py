@@ -23,6 +23,7 @@ from kms_proxy.core.model import (
     KeyKind,
     KeySpec,
     KeyState,
+    KeyStorageMechanism,
     KeyUsage,
     KeyVersion,
     Origin,
@@ -63,7 +64,9 @@ def _key(data: str) -> Key:
     raw.update(kind=KeyKind(raw["kind"]), spec=KeySpec(raw["spec"]),
                usage=KeyUsage(raw["usage"]), state=KeyState(raw["state"]),
                origin=Origin(raw["origin"]),
-               protection_level=ProtectionLevel(raw["protection_level"]))
+               protection_level=ProtectionLevel(raw["protection_level"]),
+               storage_mechanism=(KeyStorageMechanism(raw["storage_mechanism"])
+                                  if raw.get("storage_mechanism") else None))
     return Key(**raw)
 
 

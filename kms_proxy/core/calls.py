@@ -1,0 +1,18 @@
+"""The request id of the call being served, set by the edge and read by the core when it
+tells a backend who a call is for (``CallInfo``). A context variable, because the request id
+is a cross-cutting fact of the edge that no core signature should have to carry."""
+
+from __future__ import annotations
+
+import uuid
+from contextvars import ContextVar
+from typing import Final
+
+__all__ = ["REQUEST_ID", "current_request_id"]
+
+REQUEST_ID: Final[ContextVar[str]] = ContextVar("kms_request_id", default="")
+
+
+def current_request_id() -> str:
+    """The edge's request id, or a fresh one for calls that did not come through an edge."""
+    return REQUEST_ID.get() or str(uuid.uuid4())
