@@ -22,6 +22,7 @@ from aiohttp import web
 
 from kms_proxy.api.actions import ACTIONS, Call
 from kms_proxy.api.errors import ApiError, error_body, from_core
+from kms_proxy.api.jwt_auth import TokenError, TokenVerifier, TrustedIssuer
 from kms_proxy.api.params import Params
 from kms_proxy.api.signing import AccessKey, RequestVerifier, SignatureError
 from kms_proxy.backends.software import SoftwareBackend
@@ -29,7 +30,7 @@ from kms_proxy.config import Config
 from kms_proxy.core.audit import AuditEvent, AuditLog
 from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
 from kms_proxy.core.errors import KmsError
-from kms_proxy.core.model import Instance, KeyKind, Principal
+from kms_proxy.core.model import Instance, KeyKind, Principal, PrincipalKind
 from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.openapi import openapi_document
 from kms_proxy.store.sqlite import SQLiteStore
@@ -40,6 +41,7 @@ CONFIG: Final = web.AppKey("config", Config)
 SERVICE: Final = web.AppKey("service", KeyService)
 AUDIT: Final = web.AppKey("audit", AuditLog)
 VERIFIER: Final = web.AppKey("verifier", RequestVerifier)
+TOKENS: Final = web.AppKey("tokens", TokenVerifier)
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 
 API_VERSION: Final = "2016-01-20"
@@ -116,7 +118,24 @@ async def _parameters(request: web.Request) -> tuple[dict[str, str], dict[str, s
     return query, form, body
 
 
-def _principal(access_key: AccessKey) -> Principal:
+def _authenticate(request: web.Request, query: dict[str, str], form: dict[str, str],
+                  body: bytes) -> Principal:
+    """An AccessKey user (ACS3 or legacy signature) or a cloud service (bearer JWT)."""
+    authorization = request.headers.get("Authorization", "")
+    if authorization.startswith("Bearer "):
+        try:
+            claims = request.app[TOKENS].verify(authorization[len("Bearer "):].strip())
+        except TokenError as exc:
+            raise ApiError(exc.code, exc.status, exc.message) from None
+        return Principal(account_id=claims.account_id, name=claims.product,
+                         kind=PrincipalKind.SERVICE, product=claims.product)
+    try:
+        access_key = request.app[VERIFIER].verify(
+            method=request.method, raw_path=request.raw_path,
+            query_string=request.rel_url.raw_query_string, headers=request.headers,
+            body=body, form=form)
+    except SignatureError as exc:
+        raise ApiError(str(exc.code), exc.status, exc.message) from None
     return Principal(account_id=access_key.account_id, name=access_key.user)
 
 
@@ -159,13 +178,7 @@ async def rpc(request: web.Request) -> web.Response:
     request_id = request[REQUEST_ID]
     query, form, body = await _parameters(request)
     # Authenticate first, so an anonymous caller learns nothing about actions or versions.
-    try:
-        access_key = request.app[VERIFIER].verify(
-            method=request.method, raw_path=request.raw_path,
-            query_string=request.rel_url.raw_query_string, headers=request.headers,
-            body=body, form=form)
-    except SignatureError as exc:
-        raise ApiError(str(exc.code), exc.status, exc.message) from None
+    principal = _authenticate(request, query, form, body)
     action = request.headers.get("x-acs-action") or query.get("Action") or form.get("Action")
     if not action:
         raise ApiError("MissingParameter", 400, 'The parameter "Action" is needed but not '
@@ -178,7 +191,6 @@ async def rpc(request: web.Request) -> web.Response:
     if spec is None:
         raise ApiError("InvalidAction.NotFound", 404, f"Specified api {action!r} is not "
                        "found.")
-    principal = _principal(access_key)
     params = {k: v for k, v in {**query, **form}.items() if k not in _PROTOCOL_PARAMS}
     outcome, result = "Failure", {}
     error_code: str | None = "InternalFailure"
@@ -214,6 +226,11 @@ def create_app(config: Config) -> web.Application:
         [AccessKey(id=k.id, secret=k.secret, account_id=a.id, user=k.user)
          for a in config.accounts for k in a.access_keys],
         max_skew=timedelta(seconds=config.max_clock_skew))
+    app[TOKENS] = TokenVerifier([
+        TrustedIssuer.from_files(issuer=i.issuer, audience=i.audience,
+                                 algorithms=i.algorithms, jwks_file=i.jwks_file,
+                                 pem_file=i.pem_file)
+        for i in config.trusted_issuers])
 
     async def resources(app: web.Application) -> Any:
         async with SQLiteStore(config.database) as store, \
@@ -232,6 +249,8 @@ def create_app(config: Config) -> web.Application:
                     region=config.region, type=instance.type, name=instance.name,
                     spec_qps=instance.spec_qps,
                     created=existing.created if existing else audit.now()[:19] + "Z"))
+            for account in config.accounts:
+                await service.provision_default_key(account.id)
             app[SERVICE] = service
             app[AUDIT] = audit
             yield

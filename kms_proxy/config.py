@@ -12,15 +12,15 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
 from kms_proxy.core.model import InstanceType
 from shared.tomlconfig import ConfigError, TableReader, read_toml
 
-__all__ = ["AccessKeyConfig", "AccountConfig", "Config", "ConfigError", "InstanceConfig",
-           "ServerConfig", "load"]
+__all__ = ["AccessKeyConfig", "AccountConfig", "Config", "ConfigError", "HSMTokenConfig",
+           "InstanceConfig", "IssuerConfig", "ServerConfig", "XKIConfig", "load"]
 
 ENV_PREFIX: Final = "KMS_PROXY__"
 _ACCOUNT: Final = re.compile(r"[0-9]{6,20}")
@@ -56,12 +56,52 @@ class AccountConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class XKIConfig:
+    """An external instance's connection to its XKI proxy (an XKS Proxy API v1 server)."""
+
+    endpoint: str
+    uri_prefix: str
+    region: str
+    # (access key id, secret) pairs; the first signs, all are kept for rotation.
+    credentials: tuple[tuple[str, str], ...] = field(repr=False)
+    ca: Path
+    client_cert: Path
+    client_key: Path
+    server_fingerprint_sha256: str | None = None
+    timeout_ms: int = 250
+    health_interval_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceConfig:
     id: str
     account_id: str
     type: InstanceType
     name: str
     spec_qps: int
+    xki: XKIConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HSMTokenConfig:
+    """The PKCS#11 token hardware instances use (not the EKM's)."""
+
+    module: str
+    token_label: str
+    user_pin: str = field(repr=False)
+    softhsm_conf: Path | None = None
+    mode: str = "inline"
+    workers: int = 2
+    wrapping_key_label: str = "kms-proxy.wrap"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    issuer: str
+    audience: str
+    algorithms: tuple[str, ...]
+    jwks_file: Path | None = None
+    pem_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +118,8 @@ class Config:
     server: ServerConfig = ServerConfig()
     # Accepted difference between a request's signed date and ours, in seconds.
     max_clock_skew: int = 900
+    hsm: HSMTokenConfig | None = None
+    trusted_issuers: tuple[IssuerConfig, ...] = ()
 
 
 def _secret_bytes(r: TableReader, value_key: str, file_key: str, *, required: bool
@@ -101,6 +143,56 @@ def _secret_bytes(r: TableReader, value_key: str, file_key: str, *, required: bo
     if len(data) != 32:
         raise ConfigError(f"{value_key} must be Base64 of 32 bytes")
     return data
+
+
+def _xki(r: TableReader) -> XKIConfig:
+    creds = []
+    for i, raw in enumerate(r.get("credentials", list, required=True)):
+        c = TableReader(raw, f"{r.where}.credentials[{i}]", r.base)
+        creds.append((c.get("access_key_id", str, required=True),
+                      c.get("secret_access_key", str, required=True)))
+    r.check(bool(creds), "credentials", "needs at least one credential set")
+    xki = XKIConfig(
+        endpoint=r.get("endpoint", str, required=True),
+        uri_prefix=r.get("uri_prefix", str, "").strip("/"),
+        region=r.get("region", str, "us-east-1"), credentials=tuple(creds),
+        ca=r.path("ca", required=True) or Path(),
+        client_cert=r.path("client_cert", required=True) or Path(),
+        client_key=r.path("client_key", required=True) or Path(),
+        server_fingerprint_sha256=r.get("server_fingerprint_sha256", str),
+        timeout_ms=r.get("timeout_ms", int, 250),
+        health_interval_s=r.get("health_interval_s", float, 30.0))
+    r.check(xki.endpoint.startswith("https://"), "endpoint", "must be an https:// URL")
+    r.check(10 <= xki.timeout_ms <= 60_000, "timeout_ms", "must be 10-60000")
+    return xki
+
+
+def _hsm(r: TableReader) -> HSMTokenConfig | None:
+    if not r.data:
+        return None
+    hsm = HSMTokenConfig(
+        module=r.get("module", str, "/usr/lib/softhsm/libsofthsm2.so"),
+        token_label=r.get("token_label", str, required=True),
+        user_pin=r.get("user_pin", str, required=True),
+        softhsm_conf=r.path("softhsm_conf"), mode=r.get("mode", str, "inline"),
+        workers=r.get("workers", int, 2),
+        wrapping_key_label=r.get("wrapping_key_label", str, "kms-proxy.wrap"))
+    r.check(hsm.mode in ("inline", "threads"), "mode", "must be inline or threads")
+    return hsm
+
+
+def _issuers(root: TableReader) -> tuple[IssuerConfig, ...]:
+    out = []
+    for i, raw in enumerate(root.get("trusted_issuers", list, [])):
+        r = TableReader(raw, f"trusted_issuers[{i}]", root.base)
+        issuer = IssuerConfig(issuer=r.get("issuer", str, required=True),
+                              audience=r.get("audience", str, "kms-proxy"),
+                              algorithms=r.strings("algorithms", ("ES256", "RS256")),
+                              jwks_file=r.path("jwks_file"), pem_file=r.path("pem_file"))
+        r.check(issuer.jwks_file is not None or issuer.pem_file is not None, "jwks_file",
+                "(or pem_file) is required")
+        out.append(issuer)
+    return tuple(out)
 
 
 def _server(r: TableReader) -> ServerConfig:
@@ -151,6 +243,8 @@ def parse(data: dict[str, object], base: Path) -> Config:
                                   account_id=n.get("account_id", str, required=True),
                                   type=InstanceType(kind), name=n.get("name", str, "kms"),
                                   spec_qps=n.get("spec_qps", int, 1000))
+        if instance.type is InstanceType.EXTERNAL:
+            instance = replace(instance, xki=_xki(n.table("xki")))
         n.check(bool(_INSTANCE.fullmatch(instance.id)), "id", "must look like kst-...")
         n.check(instance.account_id in account_ids, "account_id", "names no account")
         n.check(instance.spec_qps > 0, "spec_qps", "must be positive")
@@ -168,7 +262,9 @@ def parse(data: dict[str, object], base: Path) -> Config:
                                       required=False),
         accounts=tuple(accounts), instances=tuple(instances), default_instance=defaults,
         server=_server(root.table("server")),
-        max_clock_skew=root.get("max_clock_skew", int, 900))
+        max_clock_skew=root.get("max_clock_skew", int, 900),
+        hsm=_hsm(root.table("hsm")),
+        trusted_issuers=_issuers(root))
 
 
 def load(path: Path, env: Mapping[str, str] | None = None) -> Config:

@@ -54,6 +54,7 @@ from kms_proxy.core.model import (
     KeyVersion,
     Origin,
     Principal,
+    PrincipalKind,
     ProtectionLevel,
 )
 from kms_proxy.core.states import require_state
@@ -65,6 +66,8 @@ __all__ = ["CryptoResult", "DataKey", "InstanceView", "KeyService", "Page", "Ser
 T = TypeVar("T")
 
 MAX_PLAINTEXT_BYTES: Final = 6 * 1024
+# Service keys are reached by alias/acs/<product> (reserved: users cannot create these).
+SERVICE_ALIAS_PREFIX: Final = "alias/acs/"
 MAX_TAGS: Final = 20
 _ALIAS: Final = re.compile(r"alias/[A-Za-z0-9_/-]{1,255}")
 # Tag keys and values: letters, digits and / \ _ - . + = : @ (reference section 5).
@@ -206,6 +209,8 @@ class KeyService:
             raise AccessDenied(principal.arn, "use a key of another account")
         if key_ref.startswith("alias/"):
             alias = await self._store.get_alias(account, region, key_ref)
+            if alias is None and key_ref.startswith(SERVICE_ALIAS_PREFIX):
+                alias = await self._service_key_alias(principal, key_ref)
             if alias is None:
                 raise AliasNotFound(key_ref)
             key_ref = alias.key_id
@@ -239,6 +244,74 @@ class KeyService:
         if version is None or version.key_id != key.key_id:
             raise KeyVersionNotFound(wanted)
         return self._backends[key.kind], version
+
+    # -- default keys, service keys, migrated keys ---------------------------------------
+
+    async def _system_key(self, account_id: str, kind: KeyKind, *, creator: str,
+                          description: str) -> Key:
+        """A KMS-managed AES-256 key (default master key or service key)."""
+        key_id = str(uuid.uuid4())
+        version_id = str(uuid.uuid4())
+        arn = f"acs:kms:{self.region}:{account_id}:key/{key_id}"
+        system = Principal(account_id=account_id, name="kms", kind=PrincipalKind.SERVICE,
+                           product="kms")
+        material = await self._backends[kind].generate(
+            version_id=version_id, spec=KeySpec.AES_256,
+            call=self._call(system, Op.CREATE_KEY, arn))
+        created = _now(self._clock)
+        key = Key(key_id=key_id, account_id=account_id, region=self.region, kind=kind,
+                  spec=KeySpec.AES_256, usage=KeyUsage.ENCRYPT_DECRYPT,
+                  state=KeyState.ENABLED, origin=Origin.ALIYUN_KMS,
+                  protection_level=ProtectionLevel.SOFTWARE, instance_id=None,
+                  description=description, creator=creator, created=created,
+                  primary_version_id=version_id)
+        await self._store.create_key(key, KeyVersion(key_id, version_id, created, material), {})
+        return key
+
+    async def provision_default_key(self, account_id: str) -> Key:
+        """The account's one default master key in this region, created by the system the
+        first time (CreateKey never makes one)."""
+        for key in await self._store.list_keys(account_id, self.region):
+            if key.kind is KeyKind.DEFAULT_MASTER:
+                return key
+        return await self._system_key(account_id, KeyKind.DEFAULT_MASTER,
+                                      creator="Aliyun", description="Default master key")
+
+    async def _service_key_alias(self, principal: Principal, alias_name: str) -> Alias | None:
+        """Create a product's service key the first time that product's service principal
+        uses ``alias/acs/<product>``; exactly one per product, account and region."""
+        product = alias_name[len(SERVICE_ALIAS_PREFIX):]
+        if principal.kind is not PrincipalKind.SERVICE or principal.product != product:
+            return None
+        key = await self._system_key(principal.account_id, KeyKind.SERVICE, creator=product,
+                                     description=f"Service key of {product}")
+        alias = Alias(alias_name, key.key_id, principal.account_id, self.region)
+        try:
+            await self._store.create_alias(alias)
+        except StoreConflict:
+            # Another request created it first: use theirs. (The spare key stays unused.)
+            return await self._store.get_alias(principal.account_id, self.region,
+                                               alias_name)
+        return alias
+
+    async def import_migrated_key(self, account_id: str, *, key_id: str, spec: KeySpec,
+                                  description: str, created: str) -> Key:
+        """Record a key migrated from KMS 1.0 as read-only metadata (no material).
+
+        :raises InvalidParameter: for a taken key id.
+        """
+        version_id = str(uuid.uuid4())
+        key = Key(key_id=key_id, account_id=account_id, region=self.region,
+                  kind=KeyKind.MIGRATED, spec=spec, usage=spec_info(spec).default_usage,
+                  state=KeyState.ENABLED, origin=Origin.ALIYUN_KMS,
+                  protection_level=ProtectionLevel.SOFTWARE, instance_id=None,
+                  description=description, creator=account_id, created=created,
+                  primary_version_id=version_id)
+        try:
+            await self._store.create_key(key, KeyVersion(key_id, version_id, created, b""), {})
+        except StoreConflict:
+            raise InvalidParameter("KeyId", f"{key_id} exists already") from None
+        return key
 
     # -- instances -------------------------------------------------------------------
 
@@ -405,6 +478,8 @@ class KeyService:
         return alias
 
     async def delete_alias(self, principal: Principal, name: str) -> None:
+        if name.startswith(SERVICE_ALIAS_PREFIX):
+            raise Unsupported("Alias", "service key aliases are managed by KMS")
         alias = await self._store.get_alias(principal.account_id, self.region, name)
         if alias is None:
             raise AliasNotFound(name)
