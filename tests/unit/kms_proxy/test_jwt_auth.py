@@ -1,0 +1,133 @@
+"""Service-principal tokens: real pyjwt-signed tokens, every refusal the issue names."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from kms_proxy.api.jwt_auth import TokenError, TokenVerifier, TrustedIssuer
+
+ISSUER = "https://sts.dev.test"
+AUDIENCE = "kms-proxy"
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Any]:
+    return {"ec": ec.generate_private_key(ec.SECP256R1()),
+            "other_ec": ec.generate_private_key(ec.SECP256R1()),
+            "rsa": rsa.generate_private_key(65537, 2048)}
+
+
+@pytest.fixture
+def verifier(tmp_path: Path, keys: dict[str, Any]) -> TokenVerifier:
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(keys["ec"].public_key()))
+    jwk.update(kid="k1", alg="ES256", use="sig")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [jwk]}))
+    return TokenVerifier([TrustedIssuer.from_files(issuer=ISSUER, audience=AUDIENCE,
+                                                   algorithms=["ES256"], jwks_file=jwks)])
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base = {"iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + 300,
+            "product": "oss", "account": "1234567890123456"}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def token(key: Any, algorithm: str = "ES256", kid: str | None = "k1", **overrides: Any) -> str:
+    headers = {"kid": kid} if kid else {}
+    return jwt.encode(claims(**overrides), key, algorithm=algorithm, headers=headers)
+
+
+def test_a_valid_token(verifier: TokenVerifier, keys: dict[str, Any]) -> None:
+    got = verifier.verify(token(keys["ec"]))
+    assert (got.product, got.account_id, got.issuer) == ("oss", "1234567890123456", ISSUER)
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    ({"exp": int(time.time()) - 120}, "InvalidSecurityToken.Expired"),
+    ({"aud": "someone-else"}, "InvalidSecurityToken.Malformed"),
+    ({"iss": "https://evil.test"}, "InvalidSecurityToken.Malformed"),
+    ({"exp": None}, "InvalidSecurityToken.Malformed"),
+    ({"product": None}, "InvalidSecurityToken.Malformed"),
+    ({"account": "not-digits"}, "InvalidSecurityToken.Malformed"),
+    ({"nbf": int(time.time()) + 3600}, "InvalidSecurityToken.Malformed"),
+])
+def test_bad_claims(verifier: TokenVerifier, keys: dict[str, Any], change: dict[str, Any],
+                    code: str) -> None:
+    with pytest.raises(TokenError) as caught:
+        verifier.verify(token(keys["ec"], **change))
+    assert caught.value.code == code and caught.value.status == 400
+
+
+def test_wrong_signing_key(verifier: TokenVerifier, keys: dict[str, Any]) -> None:
+    with pytest.raises(TokenError, match="refused"):
+        verifier.verify(token(keys["other_ec"]))
+
+
+def test_unknown_key_id(verifier: TokenVerifier, keys: dict[str, Any]) -> None:
+    with pytest.raises(TokenError, match="key id"):
+        verifier.verify(token(keys["ec"], kid="k2"))
+
+
+def test_alg_none_is_refused(verifier: TokenVerifier) -> None:
+    def b64(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    unsigned = f"{b64({'alg': 'none', 'kid': 'k1'})}.{b64(claims())}."
+    with pytest.raises(TokenError, match="algorithm"):
+        verifier.verify(unsigned)
+
+
+def test_hs256_with_the_public_key_as_secret_is_refused(
+        verifier: TokenVerifier, keys: dict[str, Any]) -> None:
+    # The classic confusion: an HMAC "signed" with the issuer's published public key.
+    public_pem = keys["ec"].public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    header = {"alg": "HS256", "kid": "k1", "typ": "JWT"}
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    import hashlib
+    import hmac
+
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims()).encode())}"
+    mac = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+    with pytest.raises(TokenError, match="algorithm"):
+        verifier.verify(f"{signing_input}.{b64(mac)}")
+
+
+def test_an_algorithm_the_issuer_does_not_use(verifier: TokenVerifier,
+                                              keys: dict[str, Any]) -> None:
+    with pytest.raises(TokenError, match="algorithm"):
+        verifier.verify(token(keys["rsa"], algorithm="RS256"))
+
+
+def test_garbage(verifier: TokenVerifier) -> None:
+    for bad in ("", "abc", "a.b.c", "x" * 10_000):
+        with pytest.raises(TokenError):
+            verifier.verify(bad)
+
+
+def test_symmetric_algorithms_cannot_be_configured(tmp_path: Path,
+                                                   keys: dict[str, Any]) -> None:
+    pem = tmp_path / "k.pem"
+    pem.write_bytes(keys["ec"].public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(ValueError, match="subset"):
+        TrustedIssuer.from_files(issuer=ISSUER, audience=AUDIENCE, algorithms=["HS256"],
+                                 pem_file=pem)
+    issuer = TrustedIssuer.from_files(issuer=ISSUER, audience=AUDIENCE,
+                                      algorithms=["ES256"], pem_file=pem)
+    assert TokenVerifier([issuer]).verify(token(keys["ec"], kid=None)).product == "oss"
