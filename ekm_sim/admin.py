@@ -9,11 +9,8 @@ not do. Lifecycle state (enabled, versions) is in the registry.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final
 
 from pkcs11 import Attribute, KeyType, ObjectClass
@@ -21,7 +18,9 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from ekm_sim.config import HSMConfig
 from ekm_sim.keystore import key_version_id
 from ekm_sim.registry import KeyRecord, KeyRegistry, RegistryError
+from shared import softhsm
 from shared.pkcs11pool import PKCS11Pool, SessionContext
+from shared.softhsm import write_softhsm_conf
 
 __all__ = ["AdminError", "KeyAdmin", "KeyUsage", "init_token", "write_softhsm_conf"]
 
@@ -41,37 +40,13 @@ class KeyUsage:
         return [n for n, on in (("ENCRYPT", self.encrypt), ("DECRYPT", self.decrypt)) if on]
 
 
-def write_softhsm_conf(token_dir: Path, conf_path: Path) -> None:
-    """A SoftHSM2 configuration whose tokens live in ``token_dir``."""
-    token_dir.mkdir(parents=True, exist_ok=True)
-    conf_path.write_text(
-        f"directories.tokendir = {token_dir}\nobjectstore.backend = file\n"
-        "log.level = ERROR\nslots.removable = false\n"
-    )
-
-
 def init_token(hsm: HSMConfig) -> None:
-    """Initialise a token with the configured label and PINs, unless it exists already.
-
-    :raises AdminError: if softhsm2-util fails.
-    """
-    env = dict(os.environ)
-    if hsm.softhsm_conf is not None:
-        env["SOFTHSM2_CONF"] = str(hsm.softhsm_conf)
-    shown = subprocess.run(["softhsm2-util", "--show-slots"], env=env, capture_output=True,
-                           text=True, check=False)
-    if re.search(rf"^\s*Label:\s+{re.escape(hsm.token_label)}\s*$", shown.stdout, re.M):
-        return
-    if not hsm.so_pin or not hsm.user_pin:
-        raise AdminError("hsm.so_pin and hsm.user_pin are needed to initialise a token")
-    # softhsm2-util takes the PINs as arguments; this runs once, at set-up, on a dev token.
-    done = subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", hsm.token_label,
-         "--so-pin", hsm.so_pin, "--pin", hsm.user_pin],
-        env=env, capture_output=True, text=True, check=False,
-    )
-    if done.returncode != 0:
-        raise AdminError(f"softhsm2-util --init-token failed: {done.stderr.strip()}")
+    """Initialise the configured token unless it exists. :raises AdminError:"""
+    try:
+        softhsm.init_token(label=hsm.token_label, user_pin=hsm.user_pin, so_pin=hsm.so_pin,
+                           softhsm_conf=hsm.softhsm_conf)
+    except softhsm.SoftHSMError as exc:
+        raise AdminError(str(exc)) from None
 
 
 def _template(usage: KeyUsage) -> dict[Any, Any]:
