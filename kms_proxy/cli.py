@@ -39,7 +39,53 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workdir", type=Path, required=True)
     down = dsub.add_parser("down", help="stop it")
     down.add_argument("--workdir", type=Path, required=True)
+    tok = dsub.add_parser("token", help="print a service-principal JWT signed by the dev "
+                                        "stack's issuer")
+    tok.add_argument("--workdir", type=Path, required=True)
+    tok.add_argument("--product", required=True, help="the cloud product, e.g. oss")
+    tok.add_argument("--account", required=True, help="the account it acts for")
+    tok.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+
+    keys = sub.add_parser("keys", help="key records the API cannot make")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    migrated = with_config(ksub.add_parser(
+        "import-migrated", help="record a key migrated from KMS 1.0 (read-only metadata)"))
+    migrated.add_argument("--account", required=True)
+    migrated.add_argument("--key-id", required=True)
+    migrated.add_argument("--key-spec", default="Aliyun_AES_256")
+    migrated.add_argument("--description", default="migrated from KMS 1.0")
+    migrated.add_argument("--created", default=None, help="ISO 8601 UTC creation date")
     return parser
+
+
+def _import_migrated(args: argparse.Namespace) -> int:
+    """Write a KMS 1.0 key's metadata straight into the store (the server need not run)."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from kms_proxy.core.errors import KmsError
+    from kms_proxy.core.model import KeySpec
+    from kms_proxy.core.service import KeyService, ServiceConfig
+    from kms_proxy.store.sqlite import SQLiteStore
+
+    config = load(Path(args.config))
+    created = args.created or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    async def run() -> None:
+        async with SQLiteStore(config.database) as store:
+            service = KeyService(store=store, backends={}, config=ServiceConfig(
+                region=config.region, regions=config.regions, default_instances={}))
+            key = await service.import_migrated_key(
+                args.account, key_id=args.key_id, spec=KeySpec(args.key_spec),
+                description=args.description, created=created)
+            print(json.dumps({"KeyId": key.key_id, "Arn": key.arn, "kind": key.kind.value}))
+
+    try:
+        asyncio.run(run())
+    except (KmsError, ValueError) as exc:
+        print(f"kms-proxy: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,8 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.action == "up":
                 print(json.dumps(devstack.up(args.workdir), indent=2))
+            elif args.action == "token":
+                print(devstack.token(args.workdir, product=args.product,
+                                     account=args.account, ttl=args.ttl))
             else:
                 devstack.down(args.workdir)
+        elif args.command == "keys":
+            return _import_migrated(args)
     except ConfigError as exc:
         print(f"kms-proxy: {exc}", file=sys.stderr)
         return 2

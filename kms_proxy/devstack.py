@@ -5,7 +5,8 @@ certificates, a root key and an audit chain key kept apart from the database, de
 keys for two accounts, and a software key management instance per account. It writes
 ``WORKDIR/stack.json``; its fields are a stable interface:
 ``region, account_id, kms{endpoint, protocol, ca}, access_keys[{id, secret, account_id}],
-instances{software, ...}, ekm{<ekm.json>}`` plus ``pid``, ``config``, ``log``.
+instances{software, hardware, external}, ekm{<ekm.json>}`` plus ``pid``, ``config``,
+``log``, ``instances_by_account`` and ``token_issuer``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ import ssl
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Final
 
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kms_proxy.config import load
 from shared.certs import DevCA
 from shared.serving import start_background, stop_process, write_atomically
+from shared.softhsm import init_token, write_softhsm_conf
 
-__all__ = ["down", "up"]
+__all__ = ["down", "token", "up"]
 
 REGION: Final = "cn-hangzhou"
 ACCOUNTS: Final = ("1234567890123456", "9876543210987654")
@@ -42,20 +51,67 @@ def _secret_file(path: Path) -> None:
             handle.write(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
 
 
-def _config(workdir: Path, certs: dict[str, Path]) -> tuple[str, list[dict[str, str]],
-                                                             dict[str, str]]:
+ISSUER: Final = "https://sts.kms-proxy.dev"
+AUDIENCE: Final = "kms-proxy"
+ISSUER_KID: Final = "dev-1"
+
+
+def _issuer_keys(secrets_dir: Path) -> Path:
+    """The dev stack's token issuer: an EC P-256 key (private, 0600) and its JWKS."""
+    key_path, jwks_path = secrets_dir / "issuer-key.pem", secrets_dir / "issuer-jwks.json"
+    if not key_path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        write_atomically(key_path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()).decode(), mode=0o600)
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        jwk.update(kid=ISSUER_KID, alg="ES256", use="sig")
+        write_atomically(jwks_path, json.dumps({"keys": [jwk]}))
+    return jwks_path
+
+
+def token(workdir: Path, *, product: str, account: str, ttl: int = 3600) -> str:
+    """A service-principal JWT for ``product`` acting for ``account``, signed by the dev
+    stack's issuer (for tests and compose stacks)."""
+    key = serialization.load_pem_private_key(
+        (workdir.resolve() / "secrets" / "issuer-key.pem").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    now = int(time.time())
+    return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl,
+                       "product": product, "account": account},
+                      key, algorithm="ES256", headers={"kid": ISSUER_KID})
+
+
+def _fingerprint(cert: Path) -> str:
+    return x509.load_pem_x509_certificate(cert.read_bytes()).fingerprint(
+        hashes.SHA256()).hex()
+
+
+def _config(workdir: Path, certs: dict[str, Path], ekm: dict[str, Any]
+            ) -> tuple[str, list[dict[str, str]], dict[str, dict[str, str]]]:
     keys = [{"id": "LTAI" + _random(20), "secret": _random(30), "account_id": account}
             for account in ACCOUNTS for _ in range(2)]
-    instances = {account: f"kst-{REGION[3:6]}{_random(12).lower()}" for account in ACCOUNTS}
+    instances = {account: {kind: f"kst-{REGION[3:6]}{_random(12).lower()}"
+                           for kind in ("software", "hardware", "external")}
+                 for account in ACCOUNTS}
     accounts = "\n".join(
         f'[[accounts]]\nid = "{account}"\n' + "".join(
             f'[[accounts.access_keys]]\nid = "{k["id"]}"\nsecret = "{k["secret"]}"\n'
             f'user = "dev{n}"\n' for n, k in enumerate(keys) if k["account_id"] == account)
         for account in ACCOUNTS)
+    ekm_cert = Path(ekm["ca"]).parent / "server.pem"
+    xki = (f'[instances.xki]\nendpoint = "{ekm["url"]}"\nuri_prefix = "{ekm["uri_prefix"]}"\n'
+           f'region = "{ekm["region"]}"\nca = "{ekm["ca"]}"\n'
+           f'client_cert = "{ekm["client_cert"]}"\nclient_key = "{ekm["client_key"]}"\n'
+           f'server_fingerprint_sha256 = "{_fingerprint(ekm_cert)}"\n'
+           f'credentials = [{{ access_key_id = "{ekm["access_key_id"]}", '
+           f'secret_access_key = "{ekm["secret_access_key"]}" }}]\n')
     instance_rows = "\n".join(
-        f'[[instances]]\nid = "{iid}"\naccount_id = "{account}"\ntype = "software"\n'
-        f'name = "software-dev"\nspec_qps = 20000\ndefault = true\n'
-        for account, iid in instances.items())
+        f'[[instances]]\nid = "{ids[kind]}"\naccount_id = "{account}"\ntype = "{kind}"\n'
+        f'name = "{kind}-dev"\nspec_qps = 20000\n'
+        + ("default = true\n" if kind == "software" else "")
+        + (xki if kind == "external" else "")
+        for account, ids in instances.items() for kind in ids)
     text = f"""# Written by `kms-proxy dev up`. Holds secrets: keep it private (mode 0600).
 region = "{REGION}"
 regions = ["{REGION}", "cn-shanghai"]
@@ -63,6 +119,17 @@ database = "{workdir / 'data' / 'kms.db'}"
 root_key_file = "{workdir / 'secrets' / 'root.key'}"
 audit_log = "{workdir / 'data' / 'audit.log'}"
 audit_chain_key_file = "{workdir / 'secrets' / 'audit-chain.key'}"
+
+[hsm]
+token_label = "kms-proxy-hsm"
+user_pin = "{_random(12)}"
+softhsm_conf = "{workdir / 'hsm' / 'softhsm2.conf'}"
+
+[[trusted_issuers]]
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+algorithms = ["ES256"]
+jwks_file = "{workdir / 'secrets' / 'issuer-jwks.json'}"
 
 [server]
 host = "127.0.0.1"
@@ -104,11 +171,18 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
     _secret_file(workdir / "secrets" / "audit-chain.key")
     config_path = workdir / "kms-proxy.toml"
     keys_path = workdir / "secrets" / "access-keys.json"
+    _issuer_keys(workdir / "secrets")
     if not config_path.exists():
-        text, keys, instances = _config(workdir, {"cert": server.cert, "key": server.key})
+        text, keys, instances = _config(workdir, {"cert": server.cert, "key": server.key}, ekm)
         write_atomically(config_path, text, mode=0o600)
         write_atomically(keys_path, json.dumps({"access_keys": keys, "instances": instances}),
                          mode=0o600)
+    # The hardware instances' token: a SoftHSM2 token of its own, not the EKM's.
+    config = load(config_path)
+    assert config.hsm is not None
+    write_softhsm_conf(workdir / "hsm" / "tokens", workdir / "hsm" / "softhsm2.conf")
+    init_token(label=config.hsm.token_label, user_pin=config.hsm.user_pin,
+               so_pin=_random(12), softhsm_conf=config.hsm.softhsm_conf)
     saved = json.loads(keys_path.read_text())
     ctx = ssl.create_default_context(cafile=str(ca.cert_path))
     process, port = start_background(
@@ -123,8 +197,9 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
         "kms": {"endpoint": f"127.0.0.1:{port}", "protocol": "https",
                 "ca": str(ca.cert_path)},
         "access_keys": saved["access_keys"],
-        "instances": {"software": saved["instances"][ACCOUNTS[0]]},
-        "instances_by_account": {a: {"software": i} for a, i in saved["instances"].items()},
+        "instances": saved["instances"][ACCOUNTS[0]],
+        "instances_by_account": saved["instances"],
+        "token_issuer": {"issuer": ISSUER, "audience": AUDIENCE},
         "ekm": ekm,
         "pid": process.pid,
         "config": str(config_path),

@@ -29,6 +29,7 @@ from kms_proxy.core.calls import current_request_id
 from kms_proxy.core.capabilities import KIND_INSTANCE, Op, require, spec_info
 from kms_proxy.core.errors import (
     AccessDenied,
+    DependencyUnavailable,
     AliasAlreadyExists,
     AliasNotFound,
     InstanceNotFound,
@@ -243,7 +244,10 @@ class KeyService:
         version = await self._version(wanted)
         if version is None or version.key_id != key.key_id:
             raise KeyVersionNotFound(wanted)
-        return self._backends[key.kind], version
+        backend = self._backends.get(key.kind)
+        if backend is None:
+            raise DependencyUnavailable(key.kind.value, "no backend is configured for it")
+        return backend, version
 
     # -- default keys, service keys, migrated keys ---------------------------------------
 
@@ -388,7 +392,10 @@ class KeyService:
         key_id = f"key-{_region_code(self.region)}{secrets.token_hex(10)}"
         version_id = str(uuid.uuid4())
         arn = f"acs:kms:{self.region}:{principal.account_id}:key/{key_id}"
-        material = await self._backends[kind].generate(
+        backend = self._backends.get(kind)
+        if backend is None:
+            raise DependencyUnavailable(kind.value, "no backend is configured for it")
+        material = await backend.generate(
             version_id=version_id, spec=spec, storage=storage,
             external_key_id=external_key_id, call=self._call(principal, Op.CREATE_KEY, arn))
         created = _now(self._clock)
@@ -559,7 +566,10 @@ class KeyService:
         require(key.kind, op, principal.kind)
         require_state(key.state, op)
         self._throttle(key)
-        plaintext = await self._backends[key.kind].unseal(
+        backend = self._backends.get(key.kind)
+        if backend is None:
+            raise DependencyUnavailable(key.kind.value, "no backend is configured for it")
+        plaintext = await backend.unseal(
             version, key.spec, sealed, context_aad(context),
             call=self._call(principal, op, key.arn))
         return CryptoResult(key.key_id, version.version_id, plaintext=plaintext)
