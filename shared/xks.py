@@ -43,8 +43,11 @@ __all__ = [
     "cdiv",
     "dumps",
     "parse_decrypt",
+    "parse_decrypt_response",
     "parse_encrypt",
     "parse_health",
+    "parse_health_response",
+    "parse_key_metadata_response",
     "parse_metadata",
 ]
 
@@ -387,6 +390,24 @@ class KeyMetadataResponse:
                 "keyStatus": self.key_status}
 
 
+def parse_key_metadata_response(body: object) -> KeyMetadataResponse:
+    """A proxy's GetKeyMetadata answer (client side). :raises XKSError: if malformed."""
+    data = _object(body)
+    spec, usage, status = data.get("keySpec"), data.get("keyUsage"), data.get("keyStatus")
+    if (not isinstance(spec, str) or not isinstance(status, str) or not isinstance(usage, list)
+            or not all(isinstance(u, str) for u in usage)):
+        raise _invalid("GetKeyMetadata response needs keySpec, keyUsage (a list of strings) "
+                       "and keyStatus")
+    return KeyMetadataResponse(key_spec=spec, key_usage=tuple(usage), key_status=status)
+
+
+def parse_decrypt_response(body: object) -> bytes:
+    """A proxy's Decrypt answer: the plaintext (client side). :raises XKSError:"""
+    plaintext = _b64field(_object(body), "plaintext", required=True)
+    assert plaintext is not None
+    return plaintext
+
+
 class HealthStatus(StrEnum):
     ACTIVE = "ACTIVE"
     DEGRADED = "DEGRADED"
@@ -421,6 +442,26 @@ class HealthResponse:
                 for e in self.ekm_fleet
             ],
         }
+
+
+def parse_health_response(body: object) -> HealthResponse:
+    """A proxy's GetHealthStatus answer (client side). :raises XKSError: if malformed."""
+    data = _object(body)
+    try:
+        fleet = tuple(
+            FleetEntry(id=str(entry["id"]), model=str(entry["model"]),
+                       health_status=HealthStatus(entry["healthStatus"]))
+            for entry in data["ekmFleetDetails"])
+        response = HealthResponse(
+            fleet_size=int(data["xksProxyFleetSize"]), proxy_vendor=str(data["xksProxyVendor"]),
+            proxy_model=str(data["xksProxyModel"]), ekm_vendor=str(data["ekmVendor"]),
+            ekm_fleet=fleet)
+    except (KeyError, TypeError, ValueError):
+        raise _invalid("GetHealthStatus response lacks a required field or has a wrong "
+                       "value") from None
+    if not 1 <= len(fleet) <= 10:
+        raise _invalid("ekmFleetDetails must have 1 to 10 entries")
+    return response
 
 
 def bind_aad(aad: bytes | None, ctm: bytes | None) -> bytes:

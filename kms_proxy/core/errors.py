@@ -74,8 +74,9 @@ class KeyStateInvalid(KmsError):
     """The key's state forbids the action; ``code`` is the Alibaba rejection from the
     state table (``Rejected.Disabled``, ``Rejected.StateModifiedFailed`` ...)."""
 
-    def __init__(self, state: str, action: str, code: str) -> None:
-        super().__init__(f"The request was rejected because the key state is {state}.")
+    def __init__(self, state: str, action: str, code: str, reason: str = "") -> None:
+        super().__init__(f"The request was rejected because the key state is {state}."
+                         + (f" {reason}" if reason else ""))
         self.state, self.action, self.code = state, action, code
 
 

@@ -29,9 +29,9 @@ from kms_proxy.core.calls import current_request_id
 from kms_proxy.core.capabilities import KIND_INSTANCE, Op, require, spec_info
 from kms_proxy.core.errors import (
     AccessDenied,
-    DependencyUnavailable,
     AliasAlreadyExists,
     AliasNotFound,
+    DependencyUnavailable,
     InstanceNotFound,
     InvalidCiphertext,
     InvalidParameter,
@@ -165,6 +165,25 @@ class KeyService:
         self._keys: dict[str, Key] = {}
         self._versions: dict[str, KeyVersion] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        # Backends bound to one instance (each external instance has its own EKM
+        # connection); they take precedence over the per-kind backends.
+        self._instance_backends: dict[str, KeyBackend] = {}
+        self._instance_status: dict[str, Callable[[], str]] = {}
+
+    def attach_instance_backend(self, instance_id: str, backend: KeyBackend,
+                                status: Callable[[], str] | None = None) -> None:
+        """Serve the keys of ``instance_id`` with ``backend``; ``status`` reports the
+        instance's connection state (GetKmsInstance ``Status``)."""
+        self._instance_backends[instance_id] = backend
+        if status is not None:
+            self._instance_status[instance_id] = status
+
+    def _backend(self, kind: KeyKind, instance_id: str | None) -> KeyBackend:
+        backend = (self._instance_backends.get(instance_id) if instance_id else None) \
+            or self._backends.get(kind)
+        if backend is None:
+            raise DependencyUnavailable(kind.value, "no backend is configured for it")
+        return backend
 
     @property
     def region(self) -> str:
@@ -244,10 +263,7 @@ class KeyService:
         version = await self._version(wanted)
         if version is None or version.key_id != key.key_id:
             raise KeyVersionNotFound(wanted)
-        backend = self._backends.get(key.kind)
-        if backend is None:
-            raise DependencyUnavailable(key.kind.value, "no backend is configured for it")
-        return backend, version
+        return self._backend(key.kind, key.instance_id), version
 
     # -- default keys, service keys, migrated keys ---------------------------------------
 
@@ -259,7 +275,7 @@ class KeyService:
         arn = f"acs:kms:{self.region}:{account_id}:key/{key_id}"
         system = Principal(account_id=account_id, name="kms", kind=PrincipalKind.SERVICE,
                            product="kms")
-        material = await self._backends[kind].generate(
+        material = await self._backend(kind, None).generate(
             version_id=version_id, spec=KeySpec.AES_256,
             call=self._call(system, Op.CREATE_KEY, arn))
         created = _now(self._clock)
@@ -343,7 +359,8 @@ class KeyService:
             raise InstanceNotFound(instance_id)
         keys = await self._store.list_keys(principal.account_id, self.region)
         count = sum(1 for k in keys if k.instance_id == instance_id)
-        return InstanceView(instance=instance, key_count=count, status="Connected")
+        status = self._instance_status.get(instance_id, lambda: "Connected")()
+        return InstanceView(instance=instance, key_count=count, status=status)
 
     def describe_regions(self) -> Sequence[str]:
         return self._config.regions
@@ -392,9 +409,7 @@ class KeyService:
         key_id = f"key-{_region_code(self.region)}{secrets.token_hex(10)}"
         version_id = str(uuid.uuid4())
         arn = f"acs:kms:{self.region}:{principal.account_id}:key/{key_id}"
-        backend = self._backends.get(kind)
-        if backend is None:
-            raise DependencyUnavailable(kind.value, "no backend is configured for it")
+        backend = self._backend(kind, instance_id)
         material = await backend.generate(
             version_id=version_id, spec=spec, storage=storage,
             external_key_id=external_key_id, call=self._call(principal, Op.CREATE_KEY, arn))
@@ -566,10 +581,7 @@ class KeyService:
         require(key.kind, op, principal.kind)
         require_state(key.state, op)
         self._throttle(key)
-        backend = self._backends.get(key.kind)
-        if backend is None:
-            raise DependencyUnavailable(key.kind.value, "no backend is configured for it")
-        plaintext = await backend.unseal(
+        plaintext = await self._backend(key.kind, key.instance_id).unseal(
             version, key.spec, sealed, context_aad(context),
             call=self._call(principal, op, key.arn))
         return CryptoResult(key.key_id, version.version_id, plaintext=plaintext)
