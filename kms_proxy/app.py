@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -25,8 +27,12 @@ from kms_proxy.api.errors import ApiError, error_body, from_core
 from kms_proxy.api.jwt_auth import TokenError, TokenVerifier, TrustedIssuer
 from kms_proxy.api.params import Params
 from kms_proxy.api.signing import AccessKey, RequestVerifier, SignatureError
+from kms_proxy.backends.base import KeyBackend
+from kms_proxy.backends.external import ExternalBackend, HealthProbe
+from kms_proxy.backends.hsm import HSMBackend
 from kms_proxy.backends.software import SoftwareBackend
-from kms_proxy.config import Config
+from kms_proxy.backends.xks_client import XKSClient, XKSConnection
+from kms_proxy.config import Config, HSMTokenConfig, XKIConfig
 from kms_proxy.core.audit import AuditEvent, AuditLog
 from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
 from kms_proxy.core.errors import KmsError
@@ -34,6 +40,8 @@ from kms_proxy.core.model import Instance, KeyKind, Principal, PrincipalKind
 from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.openapi import openapi_document
 from kms_proxy.store.sqlite import SQLiteStore
+from shared.pkcs11pool import DispatchMode, PKCS11Pool, PoolConfig
+from shared.sigv4 import Credential
 
 __all__ = ["AUDIT", "CONFIG", "SERVICE", "create_app"]
 
@@ -233,15 +241,25 @@ def create_app(config: Config) -> web.Application:
         for i in config.trusted_issuers])
 
     async def resources(app: web.Application) -> Any:
-        async with SQLiteStore(config.database) as store, \
-                AuditLog(config.audit_log, chain_key=config.audit_chain_key) as audit:
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(SQLiteStore(config.database))
+            audit = await stack.enter_async_context(
+                AuditLog(config.audit_log, chain_key=config.audit_chain_key))
             software = SoftwareBackend(config.root_key)
+            backends: dict[KeyKind, KeyBackend] = {
+                KeyKind.SOFTWARE: software, KeyKind.DEFAULT_MASTER: software,
+                KeyKind.SERVICE: software}
+            if config.hsm is not None:
+                backends[KeyKind.HARDWARE] = await _hsm_backend(stack, config.hsm)
             service = KeyService(
-                store=store,
-                backends={KeyKind.SOFTWARE: software, KeyKind.DEFAULT_MASTER: software,
-                          KeyKind.SERVICE: software},
+                store=store, backends=backends,
                 config=ServiceConfig(region=config.region, regions=config.regions,
                                      default_instances=config.default_instance))
+            for instance_config in config.instances:
+                if instance_config.xki is not None:
+                    backend, probe = await _external_backend(stack, instance_config.xki)
+                    service.attach_instance_backend(instance_config.id, backend,
+                                                    probe.status_text)
             for instance in config.instances:
                 existing = await store.get_instance(instance.id)
                 await service.add_instance(Instance(
@@ -261,3 +279,30 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/health", health)
     return app
+
+
+async def _hsm_backend(stack: AsyncExitStack, hsm: HSMTokenConfig) -> KeyBackend:
+    """The hardware instances' token, opened once for the process."""
+    if hsm.softhsm_conf is not None:
+        # SoftHSM reads this when the module loads, which happens in the pool.
+        os.environ["SOFTHSM2_CONF"] = str(hsm.softhsm_conf)
+    pool = await stack.enter_async_context(PKCS11Pool(PoolConfig(
+        module=hsm.module, token_label=hsm.token_label, user_pin=hsm.user_pin,
+        mode=DispatchMode(hsm.mode), workers=hsm.workers)))
+    backend = HSMBackend(pool, wrapping_key_label=hsm.wrapping_key_label)
+    await backend.ensure_wrapping_key()
+    return backend
+
+
+async def _external_backend(stack: AsyncExitStack, xki: XKIConfig
+                            ) -> tuple[KeyBackend, HealthProbe]:
+    """One XKS client (a keep-alive pool to the instance's proxy) and its health probe."""
+    client = await stack.enter_async_context(XKSClient(XKSConnection(
+        endpoint=xki.endpoint, uri_prefix=xki.uri_prefix, region=xki.region,
+        credentials=tuple(Credential(k, v) for k, v in xki.credentials), ca=xki.ca,
+        client_cert=xki.client_cert, client_key=xki.client_key,
+        server_fingerprint_sha256=xki.server_fingerprint_sha256,
+        timeout=xki.timeout_ms / 1000)))
+    probe = await stack.enter_async_context(HealthProbe(client,
+                                                        interval=xki.health_interval_s))
+    return ExternalBackend(client), probe

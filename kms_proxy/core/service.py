@@ -237,6 +237,10 @@ class KeyService:
         key = await self._key(key_ref)
         if key is None or key.account_id != account or key.region != region:
             raise KeyNotFound(key_ref)
+        if (key.kind is KeyKind.SERVICE and principal.kind is PrincipalKind.SERVICE
+                and principal.product != key.creator):
+            # A service key belongs to one cloud product (its creator).
+            raise AccessDenied(principal.arn, "use another product's service key")
         return key
 
     @staticmethod

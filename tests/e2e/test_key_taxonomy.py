@@ -1,0 +1,205 @@
+"""The whole key taxonomy of the seed, end to end, against the real dev stack
+(``kms-proxy dev up``: the EKM simulator and the front as subprocesses, a SoftHSM2 token for
+hardware keys), with the official SDK as the application and a bearer-token client as a
+cloud service.
+
+Walks: software, hardware, external, default master and service keys (plus a migrated
+key), and the seed's refusals: default keys refuse direct application calls, external keys
+refuse sign/verify, migrated keys refuse everything but reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alibabacloud_kms20160120 import models as m
+from alibabacloud_kms20160120.client import Client
+from alibabacloud_tea_openapi import models as open_api
+from alibabacloud_tea_openapi.models import Config
+from darabonba.runtime import RuntimeOptions
+
+KMS_PROXY = [sys.executable, "-m", "kms_proxy.cli"]
+
+
+def run(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    return subprocess.run([*KMS_PROXY, *args], capture_output=True, text=True, check=True,
+                          env=env, timeout=180).stdout
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    workdir = tmp_path_factory.mktemp("stack")
+    info = json.loads(run("dev", "up", "--workdir", str(workdir)))
+    try:
+        yield {**info, "workdir": workdir}
+    finally:
+        run("dev", "down", "--workdir", str(workdir))
+
+
+@pytest.fixture(scope="module")
+def sdk(stack: dict[str, Any]) -> Client:
+    key = stack["access_keys"][0]
+    return Client(Config(access_key_id=key["id"], access_key_secret=key["secret"],
+                         endpoint=stack["kms"]["endpoint"], protocol="https",
+                         ca=stack["kms"]["ca"], region_id=stack["region"]))
+
+
+class ServiceClient:
+    """A cloud product calling the same RPC API with ``Authorization: Bearer <JWT>``."""
+
+    def __init__(self, stack: dict[str, Any], product: str) -> None:
+        self.endpoint = stack["kms"]["endpoint"]
+        self.context = ssl.create_default_context(cafile=stack["kms"]["ca"])
+        self.token = run("dev", "token", "--workdir", str(stack["workdir"]), "--product",
+                         product, "--account", stack["account_id"]).strip()
+
+    def call(self, action: str, **params: str) -> tuple[int, dict[str, Any]]:
+        query = urllib.parse.urlencode({"Action": action, "Version": "2016-01-20", **params})
+        request = urllib.request.Request(  # noqa: S310 - our own https URL.
+            f"https://{self.endpoint}/?{query}", method="POST",
+            headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(request, context=self.context, timeout=10) as resp:  # noqa: S310
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+
+def refused(call: Any) -> tuple[int, str]:
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - the SDK's own exception types
+        call()
+    return int(caught.value.status_code), str(caught.value.code)  # type: ignore[attr-defined]
+
+
+def default_key_id(sdk: Client) -> str:
+    keys = sdk.list_keys(m.ListKeysRequest(page_size=100)).body.keys.key
+    [default] = [k.key_id for k in keys if not k.key_id.startswith("key-")
+                 and sdk.describe_key(m.DescribeKeyRequest(key_id=k.key_id)).body
+                 .key_metadata.creator == "Aliyun"]
+    return default
+
+
+def test_the_whole_taxonomy(stack: dict[str, Any], sdk: Client) -> None:
+    instances = stack["instances"]
+    oss = ServiceClient(stack, "oss")
+
+    # Software key (software key management instance): data crypto, sign/verify, SSE.
+    software = sdk.create_key(m.CreateKeyRequest()).body.key_metadata
+    assert (software.dkmsinstance_id, software.protection_level) == (
+        instances["software"], "SOFTWARE")
+    blob = sdk.encrypt(m.EncryptRequest(key_id=software.key_id, plaintext="sw")).body
+    assert sdk.decrypt(m.DecryptRequest(ciphertext_blob=blob.ciphertext_blob)
+                       ).body.plaintext == "sw"
+    status, body = oss.call("Encrypt", KeyId=software.key_id, Plaintext="sse")
+    assert status == 200 and body["KeyId"] == software.key_id
+    rsa = sdk.create_key(m.CreateKeyRequest(key_spec="RSA_2048")).body.key_metadata
+    digest = base64.b64encode(hashlib.sha256(b"m").digest()).decode()
+    signature = sdk.asymmetric_sign(m.AsymmetricSignRequest(
+        key_id=rsa.key_id, key_version_id=rsa.primary_key_version,
+        algorithm="RSA_PKCS1_SHA_256", digest=digest)).body.value
+    assert sdk.asymmetric_verify(m.AsymmetricVerifyRequest(
+        key_id=rsa.key_id, key_version_id=rsa.primary_key_version,
+        algorithm="RSA_PKCS1_SHA_256", digest=digest, value=signature)).body.value
+
+    # Hardware key (hardware instance, SoftHSM2 token): data crypto and sign/verify.
+    hardware = sdk.create_key(m.CreateKeyRequest(
+        dkmsinstance_id=instances["hardware"])).body.key_metadata
+    assert hardware.protection_level == "HSM"
+    blob = sdk.encrypt(m.EncryptRequest(key_id=hardware.key_id, plaintext="hw")).body
+    assert sdk.decrypt(m.DecryptRequest(ciphertext_blob=blob.ciphertext_blob)
+                       ).body.plaintext == "hw"
+    hw_ec = sdk.create_key(m.CreateKeyRequest(dkmsinstance_id=instances["hardware"],
+                                              key_spec="EC_P256")).body.key_metadata
+    signature = sdk.asymmetric_sign(m.AsymmetricSignRequest(
+        key_id=hw_ec.key_id, key_version_id=hw_ec.primary_key_version,
+        algorithm="ECDSA_SHA_256", digest=digest)).body.value
+    assert sdk.asymmetric_verify(m.AsymmetricVerifyRequest(
+        key_id=hw_ec.key_id, key_version_id=hw_ec.primary_key_version,
+        algorithm="ECDSA_SHA_256", digest=digest, value=signature)).body.value
+
+    # External key (external instance, XKI to the EKM simulator over mTLS + SigV4).
+    params = open_api.Params(action="CreateKey", version="2016-01-20", protocol="HTTPS",
+                             pathname="/", method="POST", auth_type="AK", style="RPC",
+                             req_body_type="formData", body_type="json")
+    created = sdk.call_api(params, open_api.OpenApiRequest(query={
+        "DKMSInstanceId": instances["external"], "ExternalKeyId": stack["ekm"]["keys"]
+        ["default"]}), RuntimeOptions())["body"]["KeyMetadata"]
+    external = created["KeyId"]
+    blob = sdk.encrypt(m.EncryptRequest(key_id=external, plaintext="xki",
+                                        encryption_context={"k": "v"})).body
+    assert sdk.decrypt(m.DecryptRequest(ciphertext_blob=blob.ciphertext_blob,
+                                        encryption_context={"k": "v"})).body.plaintext == "xki"
+    assert oss.call("Decrypt", CiphertextBlob=blob.ciphertext_blob,
+                    EncryptionContext='{"k":"v"}')[1]["Plaintext"] == "xki"
+    # Refusal: external keys are symmetric only (no sign/verify).
+    assert refused(lambda: sdk.create_key(m.CreateKeyRequest(
+        dkmsinstance_id=instances["external"], key_spec="RSA_2048"))) == (
+        400, "Rejected.UnsupportedOperation")
+    instance = sdk.get_kms_instance(m.GetKmsInstanceRequest(
+        kms_instance_id=instances["external"])).body.kms_instance
+    assert instance.status == "Connected"
+
+    # Default master key: provisioned by the system, server-side encryption only.
+    default = default_key_id(sdk)
+    assert refused(lambda: sdk.encrypt(m.EncryptRequest(key_id=default, plaintext="x"))) == (
+        400, "Rejected.UnsupportedOperation")
+    status, body = oss.call("GenerateDataKey", KeyId=default)
+    assert status == 200 and len(base64.b64decode(body["Plaintext"])) == 32
+
+    # Service key: created the first time the product's service principal uses it.
+    status, body = oss.call("Encrypt", KeyId="alias/acs/oss", Plaintext="svc")
+    assert status == 200
+    service_key = body["KeyId"]
+    again = oss.call("Encrypt", KeyId="alias/acs/oss", Plaintext="svc")[1]
+    assert again["KeyId"] == service_key  # exactly one per product
+    assert refused(lambda: sdk.encrypt(m.EncryptRequest(
+        key_id="alias/acs/oss", plaintext="x"))) == (400, "Rejected.UnsupportedOperation")
+    assert refused(lambda: sdk.update_key_description(m.UpdateKeyDescriptionRequest(
+        key_id=service_key, description="mine now"))) == (400, "Rejected.UnsupportedOperation")
+    # Another product cannot reach oss's service key.
+    status, body = ServiceClient(stack, "rds").call("Encrypt", KeyId="alias/acs/oss",
+                                                    Plaintext="x")
+    assert (status, body["Code"]) == (403, "Forbidden.NoPermission")
+
+    # Migrated KMS 1.0 key: read-only metadata.
+    migrated = json.loads(run("keys", "import-migrated", "--config", stack["config"],
+                              "--account", stack["account_id"],
+                              "--key-id", "1234abcd-12ab-34cd-56ef-1234567890ab"))["KeyId"]
+    # The running front reads the store on a cache miss, so it sees the imported key.
+    assert sdk.describe_key(m.DescribeKeyRequest(key_id=migrated)).body.key_metadata.key_id \
+        == migrated
+    assert refused(lambda: sdk.disable_key(m.DisableKeyRequest(key_id=migrated))) == (
+        400, "Rejected.UnsupportedOperation")
+    assert refused(lambda: sdk.encrypt(m.EncryptRequest(key_id=migrated, plaintext="x"))) == (
+        400, "Rejected.UnsupportedOperation")
+    status, body = oss.call("Encrypt", KeyId=migrated, Plaintext="x")
+    assert (status, body["Code"]) == (400, "Rejected.UnsupportedOperation")
+
+
+def test_hardware_key_material_is_not_in_the_database(stack: dict[str, Any],
+                                                      sdk: Client) -> None:
+    """Nothing the database holds for an HsmInternal key is key material: only a reference
+    to the token object (the token test proves the object is sensitive)."""
+    key = sdk.create_key(m.CreateKeyRequest(
+        dkmsinstance_id=stack["instances"]["hardware"])).body.key_metadata
+    import sqlite3
+
+    database = Path(stack["workdir"]) / "data" / "kms.db"
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        [(material,)] = db.execute("SELECT material FROM key_versions WHERE key_id = ?",
+                                   (key.key_id,)).fetchall()
+    assert len(material) < 64 and key.primary_key_version.encode() in material
