@@ -7,14 +7,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import ssl
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from alibabacloud_kms20160120 import models as m
 from alibabacloud_kms20160120.client import Client
+from alibabacloud_tea_openapi import models as open_api
 from alibabacloud_tea_openapi.models import Config
+from darabonba.runtime import RuntimeOptions
+
+from kms_proxy import devstack
 
 
 def client(stack: dict[str, Any], index: int = 0, *, v2: bool = False) -> Client:
@@ -38,6 +46,28 @@ def attempt(step: str, call: Callable[[], Any]) -> Any:
         return None
     print(f"  {step:<62} -> OK")
     return result
+
+
+class ServicePrincipal:
+    """A cloud product calling the RPC API with ``Authorization: Bearer <JWT>``."""
+
+    def __init__(self, stack: dict[str, Any], product: str) -> None:
+        self.endpoint = stack["kms"]["endpoint"]
+        self.context = ssl.create_default_context(cafile=stack["kms"]["ca"])
+        self.token = devstack.token(Path(stack["config"]).parent, product=product,
+                                    account=stack["account_id"])
+
+    def call(self, action: str, **params: str) -> tuple[int, dict[str, Any]]:
+        query = urllib.parse.urlencode({"Action": action, "Version": "2016-01-20", **params})
+        request = urllib.request.Request(
+            f"https://{self.endpoint}/?{query}", method="POST",
+            headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(request, context=self.context,  # noqa: S310
+                                        timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
 
 
 def main() -> int:
@@ -85,7 +115,60 @@ def main() -> int:
         algorithm="RSA_PSS_SHA_256", digest=digest, value=signature)).body.value
     print(f"  RSA_2048 AsymmetricSign + AsymmetricVerify -> {verified}")
 
+    print("\nHardware key management instance "
+          f"{stack['instances']['hardware']}: keys inside a PKCS#11 token (SoftHSM2)")
+    hardware = kms.create_key(m.CreateKeyRequest(
+        dkmsinstance_id=stack["instances"]["hardware"])).body.key_metadata
+    sealed_hw = kms.encrypt(m.EncryptRequest(key_id=hardware.key_id, plaintext="hsm data")).body
+    print(f"  CreateKey -> {hardware.key_id} ProtectionLevel={hardware.protection_level}; "
+          "Encrypt + Decrypt -> "
+          f"{kms.decrypt(m.DecryptRequest(ciphertext_blob=sealed_hw.ciphertext_blob)).body.plaintext!r}")
+
+    print("\nExternal key management instance "
+          f"{stack['instances']['external']}: keys in the EKM, reached over XKI "
+          "(XKS API, mTLS + SigV4)")
+    params = open_api.Params(action="CreateKey", version="2016-01-20", protocol="HTTPS",
+                             pathname="/", method="POST", auth_type="AK", style="RPC",
+                             req_body_type="formData", body_type="json")
+    external = kms.call_api(params, open_api.OpenApiRequest(query={
+        "DKMSInstanceId": stack["instances"]["external"],
+        "ExternalKeyId": stack["ekm"]["keys"]["default"]}), RuntimeOptions()
+    )["body"]["KeyMetadata"]["KeyId"]
+    sealed_ext = kms.encrypt(m.EncryptRequest(key_id=external, plaintext="hyok data",
+                                              encryption_context=context)).body
+    opened_ext = kms.decrypt(m.DecryptRequest(ciphertext_blob=sealed_ext.ciphertext_blob,
+                                              encryption_context=context)).body
+    print(f"  CreateKey (ExternalKeyId={stack['ekm']['keys']['default']}) -> {external}; "
+          f"Encrypt + Decrypt through the EKM -> {opened_ext.plaintext!r}")
+    status = kms.get_kms_instance(m.GetKmsInstanceRequest(
+        kms_instance_id=stack["instances"]["external"])).body.kms_instance.status
+    print(f"  GetKmsInstance -> Status {status} (a periodic XKS health probe)")
+
+    print("\nDefault keys and a cloud service (bearer JWT from the dev stack's issuer)")
+    oss = ServicePrincipal(stack, "oss")
+    default = next(k.key_id for k in kms.list_keys(m.ListKeysRequest(page_size=100))
+                   .body.keys.key if not k.key_id.startswith("key-")
+                   and kms.describe_key(m.DescribeKeyRequest(key_id=k.key_id))
+                   .body.key_metadata.creator == "Aliyun")
+    print(f"  default master key {default} (one per account and region, made by the system)")
+    print(f"  {'oss (service principal) GenerateDataKey with it':<62} -> "
+          f"{oss.call('GenerateDataKey', KeyId=default)[0]}")
+    code, body = oss.call("Encrypt", KeyId="alias/acs/oss", Plaintext="object key")
+    print(f"  {'oss Encrypt with alias/acs/oss (service key made on first use)':<62} -> "
+          f"{code} KeyId {body.get('KeyId')}")
+
     print("\nRefusals, with Alibaba's error codes")
+    attempt("An application Encrypts with the default master key",
+            lambda: kms.encrypt(m.EncryptRequest(key_id=default, plaintext="x")))
+    attempt("An application Encrypts with oss's service key",
+            lambda: kms.encrypt(m.EncryptRequest(key_id="alias/acs/oss", plaintext="x")))
+    attempt("An RSA key in the external instance (external keys: symmetric)",
+            lambda: kms.create_key(m.CreateKeyRequest(
+                dkmsinstance_id=stack["instances"]["external"], key_spec="RSA_2048")))
+    rds = ServicePrincipal(stack, "rds")
+    code, body = rds.call("Encrypt", KeyId="alias/acs/oss", Plaintext="x")
+    print(f"  {'rds (another product) uses oss service key':<62} -> refused: {code} "
+          f"{body.get('Code')}")
     attempt("Decrypt with a different EncryptionContext",
             lambda: kms.decrypt(m.DecryptRequest(ciphertext_blob=sealed.ciphertext_blob,
                                                  encryption_context={"order": "43"})))
