@@ -15,28 +15,12 @@ from aiohttp import web
 
 from ekm_sim.app import create_app, ping, reload_credentials
 from ekm_sim.config import Config, ConfigError, load
-from shared.serving import serve_app
+from shared.serving import configure_logging, serve_app
 from shared.tls import server_context
 
 __all__ = ["serve"]
 
 log = logging.getLogger("ekm_sim.server")
-
-
-def configure_logging(config: Config) -> None:
-    """Operational logs to stderr; the request log (one JSON line each) where configured."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    request_log = logging.getLogger("ekm_sim.requests")
-    request_log.propagate = False
-    target = config.server.request_log
-    if target == "off":
-        request_log.setLevel(logging.WARNING)
-        return
-    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if target == "-"
-                                else logging.FileHandler(target))
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    request_log.addHandler(handler)
-    request_log.setLevel(logging.INFO)
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -87,7 +71,7 @@ def serve(config: Config, *, config_path: Path, port_file: Path | None = None,
     ``server.workers > 1`` the first process starts the others (fresh interpreters: PKCS#11
     state must not cross a fork) on the same port and forwards SIGHUP to them.
     """
-    configure_logging(config)
+    configure_logging("ekm_sim.requests", config.server.request_log, line_format="%(message)s")
     if worker_port is not None:
         asyncio.run(_run(config, config_path, worker_port, None, []))
         return

@@ -9,6 +9,7 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -16,9 +17,27 @@ from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["BackgroundError", "serve_app", "start_background", "stop_process", "write_atomically"]
+__all__ = ["BackgroundError", "configure_logging", "serve_app", "start_background",
+           "stop_process", "write_atomically"]
 
 log = logging.getLogger("shared.serving")
+
+
+def configure_logging(request_logger: str, target: str, *, line_format: str) -> None:
+    """Operational logs to stderr; one service's per-request log to ``target``: ``-``
+    (stderr), ``off``, or a file path."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    requests = logging.getLogger(request_logger)
+    requests.propagate = False
+    if target == "off":
+        requests.setLevel(logging.WARNING)
+        return
+    handler: logging.Handler = (logging.StreamHandler(sys.stderr) if target == "-"
+                                else logging.FileHandler(target))
+    handler.setFormatter(logging.Formatter(line_format))
+    requests.addHandler(handler)
+    requests.setLevel(logging.INFO)
 
 
 class BackgroundError(Exception):
