@@ -12,12 +12,21 @@ The load generator must not be what is measured, so it is kept cheap:
   TLS connections (mTLS with the dev client certificate) and one outstanding request per
   connection (no pipelining); responses are parsed minimally (status + Content-Length).
 
+The generator uses uvloop when it is installed (``--gen-loop``), which costs about a third
+less client CPU per request than asyncio's pure-Python TLS transport.
+
 Each run reports ops/s, latency percentiles, non-200 responses, the generator's CPU (its
 processes' own ``getrusage``), the server's CPU (``/proc/<pid>/stat`` of the server and its
-worker processes) and how busy the whole machine was (``/proc/stat``). A light separate
+worker processes) and how busy the whole machine was (``/proc/stat``); ``other%`` is CPU
+that neither used, i.e. other processes on the box. The script waits for an idle machine
+before each run and repeats runs that others disturbed (marked ``?``). A light separate
 connection sends ``GET /ping`` every few milliseconds during the run to show how long a
 request waits behind the load (event-loop responsiveness). ``GET /ping`` is also driven
-with the same generator as a ceiling: TLS + aiohttp with no SigV4 and no crypto.
+with the same generator as a ceiling: TLS + aiohttp with no SigV4 and no crypto. CPU
+percentages are of one core (a 2-core machine has 200%).
+
+A server that dies during a run (see the log tail printed) ends that configuration; the
+others still run.
 
 Examples::
 
@@ -35,7 +44,9 @@ import argparse
 import array
 import asyncio
 import contextlib
+import functools
 import importlib
+import importlib.util
 import json
 import math
 import multiprocessing as mp
@@ -68,6 +79,8 @@ HOST: Final = "127.0.0.1"
 MAX_RUN_SECONDS: Final = 240.0
 # After the end of a run, outstanding requests get this long to finish.
 DRAIN_SECONDS: Final = 5.0
+# A run in which other processes used more CPU than this (% of one core) is marked "?".
+NOISY_OTHER_PCT: Final = 20.0
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 SERVER_UVLOOP_HOOK: Final = """\
 # Written by benchmarks/xks_encrypt.py --server-uvloop: every interpreter started with this
@@ -135,6 +148,10 @@ def _is_simulator(pid: int) -> bool:
         return b"ekm_sim" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+class ServerDied(RuntimeError):
+    """A simulator process exited during a run."""
 
 
 class Simulator(contextlib.AbstractContextManager["Simulator"]):
@@ -209,6 +226,16 @@ class Simulator(contextlib.AbstractContextManager["Simulator"]):
             time.sleep(0.05)
         if not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def alive(self) -> bool:
+        return all(_alive(pid) and _is_simulator(pid) for pid in self.pids)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = (self.workdir / "ekm-sim.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
 
     def cpu_seconds(self) -> float:
         """utime + stime of every server process so far (all their threads)."""
@@ -469,16 +496,21 @@ class Probe:
     def ping(self) -> float:
         """One GET /ping round trip, in seconds."""
         started = time.perf_counter()
-        self.sock.sendall(self.request)
+        status, body = self.exchange(self.request)
+        if status != 200:
+            raise RuntimeError(f"/ping answered {status} {body[:200]!r}")
+        return time.perf_counter() - started
+
+    def exchange(self, request: bytes) -> tuple[int, bytes]:
+        """Send one raw request; return the response's status and body."""
+        self.sock.sendall(request)
         buf = b""
         while (head_end := buf.find(b"\r\n\r\n")) < 0:
             buf += self._recv()
         total = head_end + 4 + _content_length(buf[:head_end])
         while len(buf) < total:
             buf += self._recv()
-        if buf[9:12] != b"200":
-            raise RuntimeError(f"/ping answered {buf[:12]!r}")
-        return time.perf_counter() - started
+        return int(buf[9:12]), buf[head_end + 4:total]
 
     def _recv(self) -> bytes:
         chunk = self.sock.recv(65536)
@@ -503,6 +535,8 @@ class LoadOptions:
     connections: int
     gen_loop: str
     probe_interval: float  # seconds; 0 = no probe
+    wait_quiet: float  # seconds to wait for an idle machine before each run
+    noisy_retries: int  # repeats of a run that other processes disturbed
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,6 +574,7 @@ def run_load(sim: Simulator, request: bytes, opts: LoadOptions) -> RunResult:
                 for i in range(opts.gen_procs)]
     workers: list[tuple[Any, Connection]] = []
     probe: Probe | None = None
+    finished = False
     try:
         for i, conns in enumerate(per_proc):
             if conns == 0:
@@ -577,7 +612,12 @@ def run_load(sim: Simulator, request: bytes, opts: LoadOptions) -> RunResult:
             if probe is None:
                 _sleep_until(t_end)
                 break
-            probes.append(probe.ping())
+            try:
+                probes.append(probe.ping())
+            except OSError:  # The server went away; reported below.
+                probe.close()
+                probe = None
+                continue
             time.sleep(min(opts.probe_interval, max(0.0, (t_end - now) / 1e9)))
         server1, machine1 = sim.cpu_seconds(), machine_busy_seconds()
 
@@ -589,16 +629,19 @@ def run_load(sim: Simulator, request: bytes, opts: LoadOptions) -> RunResult:
             if not isinstance(message, GenResult):
                 raise RuntimeError(str(message))
             results.append(message)
+        finished = True
     finally:
         if probe is not None:
             probe.close()
         for proc, pipe in workers:
-            proc.join(timeout=5)
+            proc.join(timeout=5 if finished else 0)  # On errors, stop the load at once.
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
             pipe.close()
 
+    if not sim.alive():
+        raise ServerDied(f"the server died during the run; its log ends:\n{sim.log_tail()}")
     latencies = array.array("q")
     for r in results:
         latencies.frombytes(r.latencies_ns)
@@ -630,15 +673,21 @@ def run_load(sim: Simulator, request: bytes, opts: LoadOptions) -> RunResult:
         window_s=window)
 
 
-def _warn_if_busy(seconds: float = 0.5, threshold_pct: float = 10.0) -> None:
-    """Say so when something else uses the CPU just before a run: it skews the figures."""
-    busy0, total0 = machine_busy_seconds()
-    time.sleep(seconds)
-    busy1, total1 = machine_busy_seconds()
-    pct = 100 * (os.cpu_count() or 1) * (busy1 - busy0) / max(1e-9, total1 - total0)
-    if pct > threshold_pct:
-        print(f"  ! the machine was {pct:.0f}% busy before this run (other processes); "
-              "see the other% column", file=sys.stderr, flush=True)
+def _wait_quiet(max_wait: float, threshold_pct: float = 15.0) -> None:
+    """Wait (at most ``max_wait`` s) until nothing else uses the CPU, and say so if it still
+    does: other processes on the box skew every figure (see the other% column)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        busy0, total0 = machine_busy_seconds()
+        time.sleep(0.5)
+        busy1, total1 = machine_busy_seconds()
+        pct = 100 * (os.cpu_count() or 1) * (busy1 - busy0) / max(1e-9, total1 - total0)
+        if pct <= threshold_pct:
+            return
+        if time.monotonic() >= deadline:
+            print(f"  ! the machine is {pct:.0f}% busy before this run (other processes)",
+                  file=sys.stderr, flush=True)
+            return
 
 
 def _sleep_until(deadline_ns: int) -> None:
@@ -646,10 +695,18 @@ def _sleep_until(deadline_ns: int) -> None:
         time.sleep(min(left / 1e9, 0.5))
 
 
-def idle_probe(sim: Simulator, count: int = 200) -> float:
-    """Median /ping round trip on the idle server, in ms."""
+def preflight(sim: Simulator, encrypt: bytes, count: int = 200) -> float:
+    """Check that the replayed Encrypt request is accepted (twice: replay is fine) and
+    return the median /ping round trip on the idle server, in ms.
+
+    :raises RuntimeError: if the server refuses the request.
+    """
     probe = Probe(sim)
     try:
+        for _ in range(2):
+            status, body = probe.exchange(encrypt)
+            if status != 200 or "ciphertext" not in json.loads(body):
+                raise RuntimeError(f"Encrypt answered {status} {body[:300]!r}")
         probe.ping()
         return statistics.median(probe.ping() for _ in range(count)) * 1e3
     finally:
@@ -678,6 +735,8 @@ def _row(label: str, values: dict[str, Any]) -> str:
 
 def median_result(runs: Sequence[RunResult]) -> dict[str, Any]:
     """The median of every metric over the runs, each taken on its own."""
+    if not runs:
+        return {}
     out: dict[str, Any] = {}
     for key in asdict(runs[0]):
         values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
@@ -687,16 +746,28 @@ def median_result(runs: Sequence[RunResult]) -> dict[str, Any]:
     return out
 
 
-def measure(sim: Simulator, title: str, make_request: Callable[[], bytes], opts: LoadOptions,
+def measure(title: str, make_request: Callable[[], bytes], sim: Simulator, opts: LoadOptions,
             runs: int) -> dict[str, Any]:
+    """``runs`` runs of one request (signed afresh each run); prints each and the median."""
     print(f"\n== {title}", flush=True)
     print(f"{'run':<7}" + "".join(f"{name:>{w}}" for name, _, w, _ in _COLUMNS), flush=True)
-    results = []
+    results: list[RunResult] = []
     for i in range(runs):
-        _warn_if_busy()
-        result = run_load(sim, make_request(), opts)  # Signed afresh for every run.
+        for attempt in range(1 + opts.noisy_retries):
+            _wait_quiet(opts.wait_quiet)
+            try:
+                result = run_load(sim, make_request(), opts)
+            except ServerDied as exc:
+                print(f"  ! run {i + 1}: {exc}", file=sys.stderr, flush=True)
+                return {**(median_result(results) if results else {}), "failed": str(exc)}
+            noisy = result.other_cpu_pct > NOISY_OTHER_PCT
+            print(_row(str(i + 1) + ("?" if noisy else ""), asdict(result)), flush=True)
+            if not noisy:
+                break
+            if attempt < opts.noisy_retries:
+                print(f"  ! other processes used {result.other_cpu_pct:.0f}% CPU; "
+                      "repeating this run", file=sys.stderr, flush=True)
         results.append(result)
-        print(_row(str(i + 1), asdict(result)), flush=True)
     median = median_result(results)
     print(_row("median", median), flush=True)
     return median
@@ -711,7 +782,9 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
     server.add_argument("--hsm-mode", choices=("inline", "threads"), default="inline")
     server.add_argument("--hsm-threads", type=int, default=None,
-                        help="PKCS#11 worker threads in threads mode (server default 2)")
+                        help="PKCS#11 worker threads in threads mode (server default 2; with "
+                             "more than 1, SoftHSM ran without locks and the server crashed: "
+                             "python-pkcs11 calls C_Initialize(NULL))")
     server.add_argument("--iv-source", choices=("hsm", "os"), default=None,
                         help="where IVs come from (server default hsm)")
     server.add_argument("--request-log", choices=("off", "on"), default="off",
@@ -733,10 +806,17 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--gen-procs", type=int, default=2, help="generator processes")
     load.add_argument("--connections", type=int, default=32,
                       help="keep-alive connections in all (one request in flight each)")
-    load.add_argument("--gen-loop", choices=("asyncio", "uvloop"), default="asyncio",
-                      help="the generator's event loop")
+    load.add_argument("--gen-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                      help="the generator's event loop; auto = uvloop when it is installed "
+                           "(about a third less client CPU per request), else asyncio")
     load.add_argument("--probe-interval-ms", type=float, default=10.0,
                       help="/ping probe period during runs; 0 disables the probe")
+    load.add_argument("--wait-quiet", type=float, default=30.0,
+                      help="before each run, wait up to this many seconds for other processes "
+                           "to leave the CPU idle (default 30)")
+    load.add_argument("--noisy-retries", type=int, default=2,
+                      help=f"repeat a run whose other%% exceeds {NOISY_OTHER_PCT:.0f} up to "
+                           "this many times (default 2)")
     load.add_argument("--no-ceiling", action="store_true",
                       help="skip the GET /ping throughput ceiling")
     return p
@@ -754,6 +834,28 @@ def _check(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error("--workers must be 1-64")
     if args.plaintext_bytes < 1 or args.aad_bytes < 0:
         p.error("--plaintext-bytes must be >= 1 and --aad-bytes >= 0")
+    if args.wait_quiet < 0 or args.noisy_retries < 0 or args.probe_interval_ms < 0:
+        p.error("--wait-quiet, --noisy-retries and --probe-interval-ms must be >= 0")
+
+
+def bench_server(setup: ServerSetup, args: argparse.Namespace, opts: LoadOptions, *,
+                 ceiling: bool) -> dict[str, dict[str, Any]]:
+    """Start one simulator, measure Encrypt (and the /ping ceiling), stop it."""
+    results = {}
+    with Simulator(setup, keep_workdir=args.keep_workdir) as sim:
+        make_encrypt = functools.partial(encrypt_request, sim, plaintext_bytes=args.plaintext_bytes,
+                                         aad_bytes=args.aad_bytes)
+        idle_ms = preflight(sim, make_encrypt())
+        print(f"\nserver {setup.label()} pids {sim.pids}; idle /ping round trip "
+              f"{idle_ms:.3f} ms", flush=True)
+        encrypt = measure(f"Encrypt  {setup.label()}", make_encrypt, sim, opts, args.runs)
+        results[f"encrypt {setup.label()}"] = {**encrypt, "idle_ping_ms": idle_ms}
+        if ceiling and sim.alive():
+            no_probe = LoadOptions(**{**asdict(opts), "probe_interval": 0.0})
+            results[f"ping {setup.label()}"] = measure(
+                f"GET /ping ceiling  {setup.label()}", functools.partial(ping_request, sim),
+                sim, no_probe, args.runs)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -765,10 +867,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(128 + signum)  # Unwinds through the simulator's clean-up.
 
     signal.signal(signal.SIGTERM, on_term)
+    if args.gen_loop == "auto":
+        args.gen_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     opts = LoadOptions(duration=args.duration, warmup=args.warmup,
                        max_requests=args.max_requests, gen_procs=args.gen_procs,
                        connections=args.connections, gen_loop=args.gen_loop,
-                       probe_interval=args.probe_interval_ms / 1e3)
+                       probe_interval=args.probe_interval_ms / 1e3,
+                       wait_quiet=args.wait_quiet, noisy_retries=args.noisy_retries)
     modes = ("inline", "threads") if args.compare_modes else (args.hsm_mode,)
     aad = f"{args.aad_bytes} B" if args.aad_bytes else "none"
     print(f"xks_encrypt: {os.cpu_count()} CPUs, plaintext {args.plaintext_bytes} B, AAD {aad}, "
@@ -785,31 +890,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             request_log=args.request_log == "on",
                             hsm_threads=args.hsm_threads, iv_source=args.iv_source,
                             uvloop=args.server_uvloop)
-        with Simulator(setup, keep_workdir=args.keep_workdir) as sim:
-            idle_ms = idle_probe(sim)
-            print(f"\nserver {setup.label()} pids {sim.pids}; idle /ping "
-                  f"round trip {idle_ms:.3f} ms", flush=True)
-
-            def make_encrypt(sim: Simulator = sim) -> bytes:
-                return encrypt_request(sim, plaintext_bytes=args.plaintext_bytes,
-                                       aad_bytes=args.aad_bytes)
-
-            result = measure(sim, f"Encrypt  {setup.label()}", make_encrypt, opts, args.runs)
-            summary["results"][f"encrypt {setup.label()}"] = {
-                **result, "idle_ping_ms": idle_ms}
-            def make_ping(sim: Simulator = sim) -> bytes:
-                return ping_request(sim)
-
-            if i == 0 and not args.no_ceiling:
-                ceiling = measure(sim, f"GET /ping ceiling  {setup.label()}", make_ping,
-                                  LoadOptions(**{**asdict(opts), "probe_interval": 0.0}),
-                                  args.runs)
-                summary["results"][f"ping {setup.label()}"] = ceiling
+        summary["results"].update(bench_server(
+            setup, args, opts, ceiling=i == 0 and not args.no_ceiling))
     if args.compare_modes:
         inline, threads = (summary["results"][k] for k in summary["results"]
                            if k.startswith("encrypt"))
         ratio = {k: threads[k] / inline[k] for k in ("ops_s", "p50_ms", "p99_ms")
-                 if inline[k] and threads[k]}
+                 if inline.get(k) and threads.get(k)}
         print("\nthreads / inline: " + ", ".join(f"{k} x{v:.3f}" for k, v in ratio.items()))
         summary["threads_over_inline"] = ratio
     print(json.dumps(_rounded(summary), separators=(",", ":")))

@@ -6,9 +6,10 @@ decide between them (README, performance notes):
 
 - ``inline``: calls run on the event loop thread with one session. SoftHSM's AES-GCM on a
   few KB costs tens of microseconds, less than a hop to a thread and back.
-- ``threads``: calls run on a bounded thread pool with one session per worker thread;
-  python-pkcs11 releases the GIL around every C_* call, so a slow or remote token does not
-  stall the loop.
+- ``threads``: calls run on a bounded thread pool with one session per worker thread, so
+  a slow call (RSA signing, key generation, a remote HSM) does not stall the loop. Calls
+  into the module are still serialised (see ``_MODULE_LOCKS``): SoftHSM2 as python-pkcs11
+  initialises it is not thread-safe.
 
 Login state in PKCS#11 belongs to the application, not the session: the pool logs in once on
 a session it keeps open for its whole life, and every other session inherits the login.
@@ -159,6 +160,19 @@ def aes_gcm(key: Any, data: bytes, *, iv: bytes, aad: bytes, decrypt: bool) -> b
                            mechanism_param=pkcs11.GCMParams(iv, aad, 128)))
 
 
+# python-pkcs11 initialises the module with C_Initialize(NULL), which tells SoftHSM2 that
+# the application is single-threaded, so SoftHSM turns its own locking off; and
+# python-pkcs11 releases the GIL around every call. Two threads inside the module at once
+# then corrupt its state (double frees, CKR_GENERAL_ERROR; softhsm/SoftHSMv2#688). One lock
+# per loaded module serialises the calls of every pool of the process. Uncontended, it costs
+# about 0.1 us; in threads mode it keeps the event loop free, not the token parallel.
+_MODULE_LOCKS: Final[dict[str, threading.Lock]] = {}
+
+
+def _module_lock(module: str) -> threading.Lock:
+    return _MODULE_LOCKS.setdefault(module, threading.Lock())
+
+
 class PKCS11Pool:
     """Run callables against logged-in sessions of one token, off or on the event loop.
 
@@ -174,6 +188,7 @@ class PKCS11Pool:
         self._executor: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._pending = 0
+        self._module_lock = _module_lock(config.module)
 
     @property
     def mode(self) -> DispatchMode:
@@ -213,6 +228,10 @@ class PKCS11Pool:
             self._login = None
 
     def _open_session(self, *, login: bool) -> Any:
+        with _module_lock(self._config.module):
+            return self._open_session_locked(login=login)
+
+    def _open_session_locked(self, *, login: bool) -> Any:
         try:
             if login:
                 try:
@@ -261,7 +280,8 @@ class PKCS11Pool:
             assert self._login is not None, "pool used outside its context"
             ctx = self._login
         try:
-            return fn(ctx)
+            with self._module_lock:
+                return fn(ctx)
         except _DATA_ERRORS as exc:
             raise HSMDataInvalid(type(exc).__name__) from None
         except (p11e.GeneralError, p11e.FunctionFailed) as exc:
