@@ -5,8 +5,9 @@ certificates, a root key and an audit chain key kept apart from the database, de
 keys for two accounts, and a software key management instance per account. It writes
 ``WORKDIR/stack.json``; its fields are a stable interface:
 ``region, account_id, kms{endpoint, protocol, ca}, access_keys[{id, secret, account_id}],
-instances{software, hardware, external}, ekm{<ekm.json>}`` plus ``pid``, ``config``,
-``log``, ``instances_by_account`` and ``token_issuer``.
+instances{software, hardware, external}, keys{software, hardware, external, default,
+service, migrated}, ekm{<ekm.json>}`` plus ``pid``, ``config``, ``log``,
+``instances_by_account`` and ``token_issuer``.
 """
 
 from __future__ import annotations
@@ -205,6 +206,15 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
         "config": str(config_path),
         "log": str(workdir / "kms-proxy.log"),
     }
+    # Demo keys of every kind, made once (the database keeps them across restarts).
+    demo_path = workdir / "secrets" / "demo-keys.json"
+    if not demo_path.exists():
+        from kms_proxy.devkeys import make_demo_keys
+
+        demo_keys = make_demo_keys(stack, token(workdir, product="oss",
+                                                account=ACCOUNTS[0]))
+        write_atomically(demo_path, json.dumps(demo_keys), mode=0o600)
+    stack["keys"] = json.loads(demo_path.read_text())
     write_atomically(stack_path, json.dumps(stack, indent=2) + "\n", mode=0o600)
     return stack
 

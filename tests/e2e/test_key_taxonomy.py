@@ -178,7 +178,7 @@ def test_the_whole_taxonomy(stack: dict[str, Any], sdk: Client) -> None:
     # Migrated KMS 1.0 key: read-only metadata.
     migrated = json.loads(run("keys", "import-migrated", "--config", stack["config"],
                               "--account", stack["account_id"],
-                              "--key-id", "1234abcd-12ab-34cd-56ef-1234567890ab"))["KeyId"]
+                              "--key-id", "0badc0de-12ab-34cd-56ef-1234567890ab"))["KeyId"]
     # The running front reads the store on a cache miss, so it sees the imported key.
     assert sdk.describe_key(m.DescribeKeyRequest(key_id=migrated)).body.key_metadata.key_id \
         == migrated
@@ -203,3 +203,30 @@ def test_hardware_key_material_is_not_in_the_database(stack: dict[str, Any],
         [(material,)] = db.execute("SELECT material FROM key_versions WHERE key_id = ?",
                                    (key.key_id,)).fetchall()
     assert len(material) < 64 and key.primary_key_version.encode() in material
+
+
+def test_stack_json_lists_a_demo_key_of_every_kind(stack: dict[str, Any], sdk: Client) -> None:
+    assert set(stack["keys"]) == {"software", "hardware", "external", "default", "service",
+                                  "migrated"}
+    assert set(stack["instances"]) == {"software", "hardware", "external"}
+    for kind, key_id in stack["keys"].items():
+        described = sdk.describe_key(m.DescribeKeyRequest(key_id=key_id)).body.key_metadata
+        assert described.key_id == key_id, kind
+    assert sdk.describe_key(m.DescribeKeyRequest(
+        key_id="alias/demo/hardware")).body.key_metadata.protection_level == "HSM"
+
+
+def test_ekm_side_rotation_keeps_old_ciphertexts_decryptable(stack: dict[str, Any],
+                                                            sdk: Client) -> None:
+    external = stack["keys"]["external"]
+    before = sdk.encrypt(m.EncryptRequest(key_id=external, plaintext="before")).body
+    subprocess.run([sys.executable, "-m", "ekm_sim.cli", "keys", "rotate",
+                    stack["ekm"]["keys"]["default"], "--config", stack["ekm"]["config"]],
+                   check=True, capture_output=True, timeout=60)
+    import time
+
+    time.sleep(0.7)  # the simulator re-reads its key registry within 0.5 s
+    after = sdk.encrypt(m.EncryptRequest(key_id=external, plaintext="after")).body
+    for blob, text in ((before, "before"), (after, "after")):
+        assert sdk.decrypt(m.DecryptRequest(ciphertext_blob=blob.ciphertext_blob)
+                           ).body.plaintext == text
