@@ -407,7 +407,9 @@ class RequestVerifier:
         try:
             if _TIMESTAMP.fullmatch(unverified_date) is None:
                 raise ValueError(unverified_date)
-            when = datetime.strptime(unverified_date[:19], "%Y-%m-%dT%H:%M:%S")
+            # fromisoformat is ~50x cheaper than strptime; the regex above has already
+            # pinned the exact shape, so both read the same instant.
+            when = datetime.fromisoformat(unverified_date[:19])
         except ValueError:
             raise SignatureError(SignatureErrorCode.ILLEGAL_TIMESTAMP,
                                  f"{name} must be ISO 8601 yyyy-MM-ddTHH:mm:ssZ in UTC.") from None
