@@ -8,6 +8,7 @@ policies exist, refused with ``AccessDenied``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import os
@@ -140,6 +141,14 @@ def _region_code(region: str) -> str:
     return _REGION_CODES.get(region) or f"{region.split('-')[-1][:2]}z"
 
 
+def _check_service_key_owner(principal: Principal, key: Key) -> None:
+    """A service key belongs to one cloud product (its creator): another product's service
+    principal may not use it. :raises AccessDenied:"""
+    if (key.kind is KeyKind.SERVICE and principal.kind is PrincipalKind.SERVICE
+            and principal.product != key.creator):
+        raise AccessDenied(principal.arn, "use another product's service key")
+
+
 def _check_tags(tags: Mapping[str, str]) -> None:
     if len(tags) > MAX_TAGS:
         raise InvalidParameter("Tags", f"a key has at most {MAX_TAGS} tags")
@@ -169,6 +178,7 @@ class KeyService:
         # connection); they take precedence over the per-kind backends.
         self._instance_backends: dict[str, KeyBackend] = {}
         self._instance_status: dict[str, Callable[[], str]] = {}
+        self._service_key_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def attach_instance_backend(self, instance_id: str, backend: KeyBackend,
                                 status: Callable[[], str] | None = None) -> None:
@@ -237,10 +247,7 @@ class KeyService:
         key = await self._key(key_ref)
         if key is None or key.account_id != account or key.region != region:
             raise KeyNotFound(key_ref)
-        if (key.kind is KeyKind.SERVICE and principal.kind is PrincipalKind.SERVICE
-                and principal.product != key.creator):
-            # A service key belongs to one cloud product (its creator).
-            raise AccessDenied(principal.arn, "use another product's service key")
+        _check_service_key_owner(principal, key)
         return key
 
     @staticmethod
@@ -307,16 +314,21 @@ class KeyService:
         product = alias_name[len(SERVICE_ALIAS_PREFIX):]
         if principal.kind is not PrincipalKind.SERVICE or principal.product != product:
             return None
-        key = await self._system_key(principal.account_id, KeyKind.SERVICE, creator=product,
-                                     description=f"Service key of {product}")
-        alias = Alias(alias_name, key.key_id, principal.account_id, self.region)
-        try:
+        # Concurrent first uses must not make two keys: one creator at a time, and the
+        # others find its alias. (This process is the store's only writer.)
+        lock = self._service_key_locks.setdefault((principal.account_id, product),
+                                                  asyncio.Lock())
+        async with lock:
+            existing = await self._store.get_alias(principal.account_id, self.region,
+                                                   alias_name)
+            if existing is not None:
+                return existing
+            key = await self._system_key(principal.account_id, KeyKind.SERVICE,
+                                         creator=product,
+                                         description=f"Service key of {product}")
+            alias = Alias(alias_name, key.key_id, principal.account_id, self.region)
             await self._store.create_alias(alias)
-        except StoreConflict:
-            # Another request created it first: use theirs. (The spare key stays unused.)
-            return await self._store.get_alias(principal.account_id, self.region,
-                                               alias_name)
-        return alias
+            return alias
 
     async def import_migrated_key(self, account_id: str, *, key_id: str, spec: KeySpec,
                                   description: str, created: str) -> Key:
@@ -582,6 +594,7 @@ class KeyService:
             raise InvalidCiphertext()
         if key.account_id != principal.account_id:
             raise AccessDenied(principal.arn, "decrypt with a key of another account")
+        _check_service_key_owner(principal, key)
         require(key.kind, op, principal.kind)
         require_state(key.state, op)
         self._throttle(key)
