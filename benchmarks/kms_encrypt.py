@@ -38,11 +38,12 @@ answer with the SDK.
 The load generator is kept cheap: several processes (``--gen-procs``), each an event loop
 (uvloop when installed) with keep-alive TLS connections (``--connections`` in all), one
 request in flight per connection, raw HTTP/1.1 and minimal response parsing (status and
-Content-Length). Each row reports the generator's CPU (``getrusage`` of its processes), the
-front's and the EKM simulator's (``/proc/<pid>/stat``) and the whole machine's
-(``/proc/stat``); ``other%`` is CPU none of them used (other work on the box). CPU is in % of
-one core (this machine's 2 cores are 200%). The script waits for an idle machine before each
-run and repeats a run that others disturbed (``?``, once by default).
+Content-Length); it and the measuring are ``benchmarks/loadgen.py``, shared with
+``benchmarks/xks_encrypt.py``. Each row reports the generator's CPU (``getrusage`` of its
+processes), the front's and the EKM simulator's (``/proc/<pid>/stat``) and the whole
+machine's (``/proc/stat``); ``other%`` is CPU none of them used (other work on the box). CPU
+is in % of one core (this machine's 2 cores are 200%). The script waits for an idle machine
+before each run and repeats a run that others disturbed (``?``, once by default).
 
 Medians are taken over the runs that were not disturbed (over all runs if none was).
 
@@ -66,46 +67,36 @@ The last line of output is a one-line JSON summary.
 from __future__ import annotations
 
 import argparse
-import array
-import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import importlib
-import importlib.util
 import json
 import math
-import multiprocessing as mp
 import os
 import re
-import resource
 import secrets
-import shutil
-import signal
-import socket
-import ssl
-import statistics
 import string
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType, SimpleNamespace
-from typing import Any, Final, cast
+from types import SimpleNamespace
+from typing import Any, Final
 from urllib.parse import quote
 
+import loadgen
 from alibabacloud_kms20160120 import models as kms_models
 from alibabacloud_kms20160120.client import Client as KmsClient
 from alibabacloud_tea_openapi import models as open_api
 from darabonba.runtime import RuntimeOptions
+from loadgen import HOST
 
-HOST: Final = "127.0.0.1"
 API_VERSION: Final = "2016-01-20"
 ALGORITHM: Final = "ACS3-HMAC-SHA256"
 # What the SDK signs for an RPC call with an empty body, sorted as the verifier wants them.
@@ -117,11 +108,7 @@ EMPTY_SHA256: Final = hashlib.sha256(b"").hexdigest()
 MAX_RUN_SECONDS: Final = 600.0
 # The verifier remembers nonces in a bounded cache (1 000 000 per 15 minutes by default).
 SERVER_NONCE_CACHE: Final = 1_000_000
-DRAIN_SECONDS: Final = 5.0
 DEFAULT_PRESIGN: Final = 200_000
-# A run in which other processes used more CPU than this (% of one core) is marked "?".
-NOISY_OTHER_PCT: Final = 20.0
-CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 KINDS: Final = ("health", "software", "hardware", "external")
 KEY_KINDS: Final = ("software", "hardware", "external")
 TARGET_OPS: Final = {"software": 6000.0, "hardware": 4000.0, "external": 1800.0}
@@ -134,45 +121,7 @@ _TEXT: Final = string.ascii_letters + string.digits
 
 
 def _kms_proxy_command() -> list[str]:
-    script = Path(sys.executable).with_name("kms-proxy")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "kms_proxy.cli"]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-    return found
-
-
-def _cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
-    """(utime, stime) of ``pids`` so far (all their threads), in seconds."""
-    user = system = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            user += int(fields[11])
-            system += int(fields[12])
-    return user / CLK_TCK, system / CLK_TCK
-
-
-def machine_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine from ``/proc/stat``."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])  # guest time is already inside user/nice
-    return (total - idle) / CLK_TCK, total / CLK_TCK
+    return loadgen.venv_command("kms-proxy", "kms_proxy.cli")
 
 
 class StackDied(RuntimeError):
@@ -197,52 +146,36 @@ class Stack(contextlib.AbstractContextManager["Stack"]):
         if self.ekm_request_log == "off":
             env["EKM_SIM__SERVER__REQUEST_LOG"] = "off"
         try:
-            done = subprocess.run([*_kms_proxy_command(), "dev", "up", "--workdir",
-                                   str(self.workdir)], env=env, capture_output=True, text=True,
-                                  timeout=180, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"kms-proxy dev up failed: {done.stderr.strip()[-2000:]}")
+            loadgen.dev_up("kms-proxy", _kms_proxy_command(), self.workdir, env=env,
+                           timeout=180)
             self.info = json.loads((self.workdir / "stack.json").read_text())
             host = self.info["kms"]["endpoint"].rsplit(":", 1)[0]
             if host != HOST or not self.info["ekm"]["url"].startswith(f"https://{HOST}:"):
                 raise RuntimeError(f"refusing to load a non-local stack: {self.info['kms']}")
             front, ekm = int(self.info["pid"]), int(self.info["ekm"]["pid"])
-            self.front_pids = [front, *_children(front)]
-            self.ekm_pids = [ekm, *_children(ekm)]
+            self.front_pids = [front, *loadgen.children(front)]
+            self.ekm_pids = [ekm, *loadgen.children(ekm)]
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def _ours(self, pid: int) -> bool:
-        return str(self.workdir).encode() in _cmdline(pid)
+        return str(self.workdir).encode() in loadgen.cmdline(pid)
 
     def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            subprocess.run([*_kms_proxy_command(), "dev", "down", "--workdir", str(self.workdir)],
-                           capture_output=True, timeout=90, check=False)
-        pids = self.front_pids + self.ekm_pids
-        deadline = time.monotonic() + 10
-        while any(self._ours(p) for p in pids):
-            if time.monotonic() > deadline:
-                for pid in pids:
-                    if self._ours(pid):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        if not self.keep_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        loadgen.dev_down(_kms_proxy_command(), self.workdir, self.front_pids + self.ekm_pids,
+                         self._ours, timeout=90, keep_workdir=self.keep_workdir)
 
     def alive(self) -> bool:
         return all(self._ours(p) for p in (self.front_pids[0], self.ekm_pids[0]))
 
     def log_tail(self, lines: int = 8) -> str:
-        try:
-            text = Path(self.info["log"]).read_text(errors="replace")
-        except (OSError, KeyError):
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        log = self.info.get("log")
+        return loadgen.log_tail(Path(log), lines) if log else "(no log)"
+
+    def target(self) -> loadgen.Target:
+        return loadgen.Target(port=self.port, ca=self.ca)
 
     @property
     def host(self) -> str:
@@ -397,47 +330,7 @@ def sdk_agrees(signer: EncryptSigner) -> bool | None:
 
 
 def health_request(host: str) -> bytes:
-    return f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-
-
-def _content_length(head: bytes | bytearray) -> int:
-    at = head.find(b"\r\nContent-Length:")
-    if at < 0:
-        at = bytes(head).lower().find(b"\r\ncontent-length:")
-        if at < 0:
-            raise ValueError("response without Content-Length")
-    end = head.find(b"\r\n", at + 2)
-    return int(head[at + 17:end if end >= 0 else len(head)])
-
-
-class Session:
-    """One blocking keep-alive TLS connection (preflight)."""
-
-    def __init__(self, stack: Stack) -> None:
-        raw = socket.create_connection((HOST, stack.port), timeout=30)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ctx = ssl.create_default_context(cafile=stack.ca)
-        self.sock = ctx.wrap_socket(raw, server_hostname=HOST)
-
-    def exchange(self, request: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(request)
-        buf = b""
-        while (head_end := buf.find(b"\r\n\r\n")) < 0:
-            buf += self._recv()
-        total = head_end + 4 + _content_length(buf[:head_end])
-        while len(buf) < total:
-            buf += self._recv()
-        return int(buf[9:12]), buf[head_end + 4:total]
-
-    def _recv(self) -> bytes:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        return chunk
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+    return loadgen.get_request("/health", host)
 
 
 def preflight(stack: Stack, signer: EncryptSigner, count: int = 20) -> str:
@@ -449,7 +342,7 @@ def preflight(stack: Stack, signer: EncryptSigner, count: int = 20) -> str:
     if agrees is False:
         raise RuntimeError("this signer and the SDK's get_authorization disagree")
     requests = signer.presign(count, nonce_prefix=secrets.token_hex(8))
-    session = Session(stack)
+    session = loadgen.Session(stack.target(), timeout=30)
     blobs = []
     try:
         for request in requests:
@@ -474,317 +367,12 @@ def preflight(stack: Stack, signer: EncryptSigner, count: int = 20) -> str:
             f"replayed nonce -> {status} {replay}; SDK Decrypt round trip ok")
 
 
-# -- the generator (one process) ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GenConfig:
-    port: int
-    ca: str
-    connections: int
-    loop: str
-    index: int
-    procs: int
-    max_requests: int  # this process's cap
-    fixed_request: bytes | None  # replayed as is (GET /health)
-    signer: EncryptSigner | None  # else: pre-sign ``presign`` requests
-    presign: int
-    rate: float  # all processes' ops/s; 0 = closed loop
-
-
-@dataclass(slots=True)
-class GenResult:
-    latencies_ns: bytes = b""
-    lags_ns: bytes = b""
-    statuses: dict[int, int] = field(default_factory=dict)
-    errors: int = 0
-    unfinished: int = 0
-    lost_connections: int = 0
-    error_sample: str = ""
-    cpu_seconds: float = 0.0
-    window_end_ns: int = 0
-    sent: int = 0
-    signed: int = 0
-    sign_seconds: float = 0.0
-    exhausted: bool = False
-
-
-class _Client(asyncio.Protocol):
-    """One keep-alive TLS connection with at most one request in flight."""
-
-    def __init__(self, load: _Load) -> None:
-        self.load = load
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.started = 0  # the request's start: its send (closed loop) or schedule (open)
-        self.sent_at = 0
-        self.busy = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def send(self, request: bytes, started: int, now: int) -> None:
-        assert self.transport is not None
-        self.busy = True
-        self.started, self.sent_at = started, now
-        self.transport.write(request)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        head_end = buf.find(b"\r\n\r\n")
-        if head_end < 0:
-            return
-        total = head_end + 4 + _content_length(buf[:head_end])
-        if len(buf) < total:
-            return
-        status = int(buf[9:12])
-        body = bytes(buf[head_end + 4:total]) if status != 200 else b""
-        del buf[:total]
-        self.busy = False
-        self.load.completed(self, status, body)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.load.lost(self)
-
-
-class _Load:
-    """The connections of one generator process, closed loop or on a fixed schedule."""
-
-    def __init__(self, requests: list[bytes], *, replay: bool, cap: int, open_loop: bool
-                 ) -> None:
-        self.requests = requests
-        self.replay = replay
-        self.cap = cap
-        self.open_loop = open_loop
-        self.t_measure = 0
-        self.t_end = 0
-        self.sent = 0
-        self.latencies = array.array("q")
-        self.lags = array.array("q")
-        self.statuses: Counter[int] = Counter()
-        self.errors = 0
-        self.lost_connections = 0
-        self.error_sample = ""
-        self.last_done = 0
-        self.exhausted = False
-        self.active = 0  # closed loop: connections still sending
-        self.outstanding = 0  # open loop: requests in flight
-        self.backlog: deque[int] = deque()  # open loop: scheduled times waiting for a client
-        self.idle: list[_Client] = []
-        self.pacing_done = False
-        self.finished = asyncio.Event()
-
-    def take(self) -> bytes | None:
-        """The next request, or ``None`` (and ``exhausted``) when the cap or the pre-signed
-        list is used up."""
-        if self.sent >= self.cap or (not self.replay and self.sent >= len(self.requests)):
-            self.exhausted = True
-            return None
-        request = self.requests[0] if self.replay else self.requests[self.sent]
-        self.sent += 1
-        return request
-
-    def in_window(self, started: int, now: int) -> bool:
-        if self.open_loop:  # Every request scheduled in the window counts, however late.
-            return self.t_measure <= started < self.t_end
-        return started >= self.t_measure and now <= self.t_end
-
-    # closed loop
-
-    def next_closed(self, client: _Client, now: int) -> None:
-        if now < self.t_end and (request := self.take()) is not None:
-            client.send(request, now, now)
-        else:
-            self.active -= 1
-            if self.active == 0:
-                self.finished.set()
-
-    # open loop
-
-    def dispatch(self, client: _Client, scheduled: int, now: int) -> None:
-        request = self.take()
-        if request is None:  # Nothing left to send: this slot is lost (counted at the end).
-            self.backlog.appendleft(scheduled)
-            self.idle.append(client)
-            self.pacing_done = True
-            self.check_finished()
-            return
-        self.outstanding += 1
-        client.send(request, scheduled, now)
-
-    def schedule(self, scheduled: int, now: int) -> None:
-        self.backlog.append(scheduled)
-        while self.backlog and self.idle and not self.exhausted:
-            self.dispatch(self.idle.pop(), self.backlog.popleft(), now)
-
-    def next_open(self, client: _Client, now: int) -> None:
-        self.outstanding -= 1
-        if self.backlog and not self.exhausted:
-            self.dispatch(client, self.backlog.popleft(), now)
-        else:
-            self.idle.append(client)
-            self.check_finished()
-
-    def check_finished(self) -> None:
-        if self.pacing_done and self.outstanding == 0 and (self.exhausted or not self.backlog):
-            self.finished.set()
-
-    # both
-
-    def completed(self, client: _Client, status: int, body: bytes) -> None:
-        now = time.monotonic_ns()
-        self.statuses[status] += 1
-        if self.in_window(client.started, now):
-            self.latencies.append(now - client.started)
-            self.lags.append(client.sent_at - client.started)
-            self.last_done = now
-            if status != 200:
-                self.errors += 1
-                if not self.error_sample:
-                    self.error_sample = f"{status} {body[:300]!r}"
-        if self.open_loop:
-            self.next_open(client, now)
-        else:
-            self.next_closed(client, now)
-
-    def lost(self, client: _Client) -> None:
-        if not client.busy:
-            return
-        client.busy = False
-        self.lost_connections += 1
-        self.errors += 1
-        if not self.error_sample:
-            self.error_sample = "connection lost"
-        if self.open_loop:
-            self.outstanding -= 1
-            self.check_finished()
-        else:
-            self.active -= 1
-            if self.active == 0:
-                self.finished.set()
-
-
-async def _pace(load: _Load, cfg: GenConfig, t_start: int) -> None:
-    """Put this process's slots of the global schedule on the backlog as they fall due:
-    slot ``k`` of process ``i`` is due at ``t_start + (k * procs + i) / rate``."""
-    k = 0
-    while True:
-        due = t_start + int((k * cfg.procs + cfg.index) * 1e9 / cfg.rate)
-        if due >= load.t_end or load.exhausted:
-            break
-        now = time.monotonic_ns()
-        if due > now:
-            # Event-loop timers have a 1 ms resolution: a shorter sleep returns at once and
-            # the loop would spin. Late slots are sent late, and that counts in their latency.
-            await asyncio.sleep(max(0.001, (due - now) / 1e9))
-            continue
-        k += 1
-        load.schedule(due, now)
-    load.pacing_done = True
-    load.check_finished()
-
-
-async def _generate(cfg: GenConfig, pipe: Connection) -> GenResult:
-    loop = asyncio.get_running_loop()
-    signed_at = time.perf_counter()
-    if cfg.signer is not None:
-        requests = cfg.signer.presign(cfg.presign, nonce_prefix=secrets.token_hex(8))
-    else:
-        assert cfg.fixed_request is not None
-        requests = [cfg.fixed_request]
-    sign_seconds = time.perf_counter() - signed_at
-    ctx = ssl.create_default_context(cafile=cfg.ca)
-    load = _Load(requests, replay=cfg.signer is None, cap=cfg.max_requests,
-                 open_loop=cfg.rate > 0)
-    clients: list[_Client] = []
-    for _ in range(cfg.connections):
-        _, client = await loop.create_connection(
-            lambda: _Client(load), HOST, cfg.port, ssl=ctx, server_hostname=HOST)
-        cast(asyncio.Transport, client.transport).get_extra_info("socket").setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        clients.append(client)
-    pipe.send("ready")
-    t_start, load.t_measure, load.t_end = pipe.recv()
-    await asyncio.sleep(max(0.0, (t_start - time.monotonic_ns()) / 1e9))
-
-    cpu: list[float] = []
-
-    def snapshot() -> None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu.append(usage.ru_utime + usage.ru_stime)
-
-    loop.call_later(max(0.0, (load.t_measure - time.monotonic_ns()) / 1e9), snapshot)
-    end_timer = loop.call_later(max(0.0, (load.t_end - time.monotonic_ns()) / 1e9), snapshot)
-    pacer: asyncio.Task[None] | None = None
-    if load.open_loop:
-        load.idle = list(reversed(clients))
-        pacer = asyncio.create_task(_pace(load, cfg, t_start))
-    else:
-        load.active = len(clients)
-        now = time.monotonic_ns()
-        for client in clients:
-            load.next_closed(client, now)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(load.finished.wait(),
-                               (load.t_end - time.monotonic_ns()) / 1e9 + DRAIN_SECONDS)
-    if pacer is not None:
-        pacer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pacer
-    if len(cpu) < 2:  # Finished before t_end (requests used up).
-        end_timer.cancel()
-        snapshot()
-    # Requests of the window that never got an answer (or never left) are failures.
-    now = time.monotonic_ns()
-    unfinished = sum(1 for c in clients if c.busy and load.in_window(c.started, now))
-    unfinished += sum(1 for s in load.backlog if load.t_measure <= s < load.t_end)
-    stopped_early = load.exhausted
-    window_end = (min(load.t_end, load.last_done or load.t_end)
-                  if stopped_early and not load.open_loop else load.t_end)
-    for client in clients:
-        if client.transport is not None:
-            client.transport.close()
-    await asyncio.sleep(0)
-    return GenResult(
-        latencies_ns=load.latencies.tobytes(), lags_ns=load.lags.tobytes(),
-        statuses=dict(load.statuses), errors=load.errors + unfinished, unfinished=unfinished,
-        lost_connections=load.lost_connections, error_sample=load.error_sample,
-        cpu_seconds=cpu[-1] - cpu[0] if len(cpu) >= 2 else 0.0, window_end_ns=window_end,
-        sent=load.sent, signed=len(requests) if cfg.signer is not None else 0,
-        sign_seconds=sign_seconds, exhausted=stopped_early)
-
-
-def _generator_main(cfg: GenConfig, pipe: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # The parent handles ^C and stops us.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        if cfg.loop == "uvloop":
-            uvloop = importlib.import_module("uvloop")
-            result = uvloop.run(_generate(cfg, pipe))
-        else:
-            result = asyncio.run(_generate(cfg, pipe))
-        pipe.send(result)
-    except Exception as exc:
-        pipe.send(f"generator failed: {type(exc).__name__}: {exc}")
-    finally:
-        pipe.close()
-
-
 # -- one run -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class LoadOptions:
-    duration: float
-    warmup: float
-    max_requests: int
+class LoadOptions(loadgen.LoadOptions):
     presign: int  # 0 = automatic
-    gen_procs: int
-    connections: int
-    gen_loop: str
-    wait_quiet: float
-    noisy_retries: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -798,16 +386,21 @@ class Job:
     def label(self) -> str:
         return f"{self.kind}@{self.rate:g}" if self.rate else self.kind
 
+    def workload(self, presign: int) -> loadgen.Workload:
+        """What the generator sends: ``request`` replayed, or ``presign`` requests signed
+        by each generator process (with its own random nonce prefix) before the run."""
+        if self.signer is None:
+            return loadgen.Workload(request=self.request, rate=self.rate)
+        return loadgen.Workload(make=functools.partial(_presign, self.signer), count=presign,
+                                rate=self.rate)
+
+
+def _presign(signer: EncryptSigner, count: int) -> list[bytes]:
+    return signer.presign(count, nonce_prefix=secrets.token_hex(8))
+
 
 @dataclass(frozen=True, slots=True)
-class RunResult:
-    ops_s: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-    requests: int
-    errors: int
+class RunResult(loadgen.Figures):
     gen_cpu_pct: float
     front_cpu_pct: float
     front_sys_pct: float  # the kernel's part of front_cpu_pct (TCP/TLS syscalls, wake-ups)
@@ -825,14 +418,6 @@ class RunResult:
     sign_seconds: float
     window_s: float
     xceil: float | None = None  # ops_s / the /health ops_s of the same repetition
-
-
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 class Profiler:
@@ -870,135 +455,37 @@ def run_load(stack: Stack, job: Job, opts: LoadOptions, presign: int,
     """Drive ``job`` for warm-up + duration seconds and measure the duration part."""
     # Nothing here uses threads (the SDK is synchronous), so forking is safe; the generators
     # inherit the signer instead of having it pickled.
-    if threading.active_count() > 1:
-        raise RuntimeError("refusing to fork with threads running")
-    ctx = mp.get_context("fork")
-    procs = opts.gen_procs
-    per_proc_conns = [opts.connections // procs + (i < opts.connections % procs)
-                      for i in range(procs)]
-    workers: list[tuple[Any, Connection]] = []
-    finished = False
     try:
-        for i, conns in enumerate(per_proc_conns):
-            ours, theirs = ctx.Pipe()
-            cfg = GenConfig(port=stack.port, ca=stack.ca, connections=conns, loop=opts.gen_loop,
-                            index=i, procs=procs,
-                            max_requests=opts.max_requests // procs
-                            + (i < opts.max_requests % procs),
-                            fixed_request=job.request, signer=job.signer,
-                            presign=math.ceil(presign / procs), rate=job.rate)
-            proc = ctx.Process(target=_generator_main, args=(cfg, theirs), daemon=True)
-            proc.start()
-            theirs.close()
-            workers.append((proc, ours))
-        for _, pipe in workers:
-            if not pipe.poll(180):
-                raise RuntimeError("a generator did not sign and connect within 180 s")
-            message = pipe.recv()
-            if message != "ready":
-                raise RuntimeError(str(message))
-        t_start = time.monotonic_ns() + 100_000_000
-        t_measure = t_start + int(opts.warmup * 1e9)
-        t_end = t_measure + int(opts.duration * 1e9)
-        for _, pipe in workers:
-            pipe.send((t_start, t_measure, t_end))
-        _sleep_until(t_measure)
-        front0, ekm0 = _cpu_seconds(stack.front_pids), _cpu_seconds(stack.ekm_pids)
-        machine0 = machine_busy_seconds()
-        if profiler is not None:
-            profiler.start()
-        _sleep_until(t_end)
-        front1, ekm1 = _cpu_seconds(stack.front_pids), _cpu_seconds(stack.ekm_pids)
-        machine1 = machine_busy_seconds()
-        results: list[GenResult] = []
-        for _, pipe in workers:
-            if not pipe.poll(DRAIN_SECONDS + 30):
-                raise RuntimeError("a generator did not report in time")
-            message = pipe.recv()
-            if not isinstance(message, GenResult):
-                raise RuntimeError(str(message))
-            results.append(message)
-        finished = True
+        run = loadgen.run_load(stack.target(), job.workload(presign), opts,
+                               watch={"front": stack.front_pids, "ekm": stack.ekm_pids},
+                               during=None if profiler is None else lambda _: profiler.start())
     finally:
-        for proc, pipe in workers:
-            proc.join(timeout=5 if finished else 0)  # On errors, stop the load at once.
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=5)
-            pipe.close()
         if profiler is not None:
             profiler.wait()
-
     if not stack.alive():
         raise StackDied(f"a stack process died during the run; the front's log ends:\n"
                         f"{stack.log_tail()}")
-    latencies, lags = array.array("q"), array.array("q")
-    for r in results:
-        latencies.frombytes(r.latencies_ns)
-        lags.frombytes(r.lags_ns)
-    ordered = sorted(v / 1e6 for v in latencies)
-    window = (opts.duration if job.rate else
-              (max(r.window_end_ns for r in results) - t_measure) / 1e9)
-    cpu_window = (t_end - t_measure) / 1e9
-    errors = sum(r.errors for r in results)
-    if errors:
-        sample = next((r.error_sample for r in results if r.error_sample), "")
-        print(f"  ! {errors} errors ({sum(r.unfinished for r in results)} unanswered, "
-              f"{sum(r.lost_connections for r in results)} lost connections); statuses "
-              f"{dict(sum((Counter(r.statuses) for r in results), Counter()))}; e.g. {sample}",
-              file=sys.stderr, flush=True)
-    exhausted = any(r.exhausted for r in results)
-    if exhausted:
+    run.warn_errors()
+    if run.exhausted:
         print(f"  ! a generator used up its {'requests cap' if job.request else 'pre-signed'}"
               " requests before the end: the window ends at its last answer; raise "
               "--presign / --max-requests", file=sys.stderr, flush=True)
-    busy = 100 * (os.cpu_count() or 1) * (machine1[0] - machine0[0]) / max(
-        1e-9, machine1[1] - machine0[1])
-    gen_cpu = 100 * sum(r.cpu_seconds for r in results) / cpu_window
-    front_cpu = 100 * (sum(front1) - sum(front0)) / cpu_window
-    front_sys = 100 * (front1[1] - front0[1]) / cpu_window
-    ekm_cpu = 100 * (sum(ekm1) - sum(ekm0)) / cpu_window
-    ordered_lags = sorted(v / 1e6 for v in lags) if job.rate else []
-    ops_s = len(ordered) / window if window > 0 else 0.0
+    gen_cpu = 100 * run.gen_cpu_seconds / run.cpu_window_s
+    front_cpu, ekm_cpu = run.cpu_pct("front"), run.cpu_pct("ekm")
+    ops_s = run.ops_s
 
     def per_op(pct: float) -> float:
         return pct / 100 / ops_s * 1e6 if ops_s else math.nan
 
     return RunResult(
-        ops_s=ops_s,
-        p50_ms=_percentile(ordered, 50), p90_ms=_percentile(ordered, 90),
-        p99_ms=_percentile(ordered, 99), max_ms=ordered[-1] if ordered else math.nan,
-        requests=len(ordered), errors=errors, gen_cpu_pct=gen_cpu, front_cpu_pct=front_cpu,
-        front_sys_pct=front_sys,
-        ekm_cpu_pct=ekm_cpu, machine_busy_pct=busy,
-        other_cpu_pct=max(0.0, busy - gen_cpu - front_cpu - ekm_cpu),
+        **run.figures(), gen_cpu_pct=gen_cpu, front_cpu_pct=front_cpu,
+        front_sys_pct=run.cpu_pct("front", system_only=True),
+        ekm_cpu_pct=ekm_cpu, machine_busy_pct=run.machine_busy_pct,
+        other_cpu_pct=run.other_pct(gen_cpu, front_cpu, ekm_cpu),
         gen_us=per_op(gen_cpu), front_us=per_op(front_cpu), ekm_us=per_op(ekm_cpu),
-        lag_p99_ms=_percentile(ordered_lags, 99) if ordered_lags else None,
-        signed=sum(r.signed for r in results), used=sum(r.sent for r in results),
-        exhausted=exhausted, sign_seconds=max(r.sign_seconds for r in results),
-        window_s=window)
-
-
-def _sleep_until(deadline_ns: int) -> None:
-    while (left := deadline_ns - time.monotonic_ns()) > 0:
-        time.sleep(min(left / 1e9, 0.5))
-
-
-def _wait_quiet(max_wait: float, threshold_pct: float = 15.0) -> None:
-    """Wait (at most ``max_wait`` s) until nothing else uses the CPU; say so if it still
-    does."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        busy0, total0 = machine_busy_seconds()
-        time.sleep(0.5)
-        busy1, total1 = machine_busy_seconds()
-        pct = 100 * (os.cpu_count() or 1) * (busy1 - busy0) / max(1e-9, total1 - total0)
-        if pct <= threshold_pct:
-            return
-        if time.monotonic() >= deadline:
-            print(f"  ! the machine is {pct:.0f}% busy before this run (other processes)",
-                  file=sys.stderr, flush=True)
-            return
+        lag_p99_ms=loadgen.percentile(run.lags_ms, 99) if job.rate and run.lags_ms else None,
+        signed=run.made, used=run.sent, exhausted=run.exhausted,
+        sign_seconds=run.make_seconds, window_s=run.window_s)
 
 
 # -- py-spy summary ------------------------------------------------------------------------
@@ -1099,60 +586,30 @@ def _print_profile(label: str, summary: dict[str, Any]) -> None:
 # -- reporting -----------------------------------------------------------------------------
 
 
-_COLUMNS: Final = (
-    ("ops/s", "ops_s", 8, 0), ("p50ms", "p50_ms", 8, 2), ("p90ms", "p90_ms", 8, 2),
-    ("p99ms", "p99_ms", 8, 2), ("maxms", "max_ms", 8, 1), ("err", "errors", 5, 0),
-    ("gen%", "gen_cpu_pct", 6, 0), ("front%", "front_cpu_pct", 7, 0),
-    ("fsys%", "front_sys_pct", 6, 0),
-    ("ekm%", "ekm_cpu_pct", 6, 0), ("other%", "other_cpu_pct", 7, 0),
-    ("gen_us", "gen_us", 7, 0), ("front_us", "front_us", 9, 0), ("ekm_us", "ekm_us", 7, 0),
-    ("lag99", "lag_p99_ms", 8, 2), ("xceil", "xceil", 6, 2), ("signed", "signed", 8, 0),
-    ("used", "used", 8, 0))
-
-
-def _row(label: str, values: dict[str, Any]) -> str:
-    cells = []
-    for _, key, width, digits in _COLUMNS:
-        value = values.get(key)
-        cells.append(f"{'-':>{width}}" if value is None or (value == 0 and key == "signed")
-                     else f"{value:>{width}.{digits}f}")
-    return f"{label:<18}" + "".join(cells)
-
-
-def _header() -> str:
-    return f"{'kind run':<18}" + "".join(f"{name:>{w}}" for name, _, w, _ in _COLUMNS)
-
-
-def _noisy(run: RunResult) -> bool:
-    return run.other_cpu_pct > NOISY_OTHER_PCT
+TABLE: Final = loadgen.Table(
+    columns=(
+        ("ops/s", "ops_s", 8, 0), ("p50ms", "p50_ms", 8, 2), ("p90ms", "p90_ms", 8, 2),
+        ("p99ms", "p99_ms", 8, 2), ("maxms", "max_ms", 8, 1), ("err", "errors", 5, 0),
+        ("gen%", "gen_cpu_pct", 6, 0), ("front%", "front_cpu_pct", 7, 0),
+        ("fsys%", "front_sys_pct", 6, 0),
+        ("ekm%", "ekm_cpu_pct", 6, 0), ("other%", "other_cpu_pct", 7, 0),
+        ("gen_us", "gen_us", 7, 0), ("front_us", "front_us", 9, 0), ("ekm_us", "ekm_us", 7, 0),
+        ("lag99", "lag_p99_ms", 8, 2), ("xceil", "xceil", 6, 2), ("signed", "signed", 8, 0),
+        ("used", "used", 8, 0)),
+    label_title="kind run", label_width=18, dash_if_zero=frozenset({"signed"}))
 
 
 def median_result(all_runs: Sequence[RunResult]) -> dict[str, Any]:
     """The median of every metric, each taken on its own, over the runs other processes did
     not disturb (over all of them if every run was disturbed)."""
-    out: dict[str, Any] = {}
     if not all_runs:
-        return out
-    runs = [r for r in all_runs if not _noisy(r)] or list(all_runs)
-    for key in asdict(runs[0]):
-        values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
-        out[key] = statistics.median(values) if values else None
-    out["errors"] = sum(r.errors for r in runs)
-    out["requests"] = sum(r.requests for r in runs)
+        return {}
+    runs = [r for r in all_runs if not loadgen.noisy(r)] or list(all_runs)
+    out = loadgen.medians(runs)
     out["exhausted"] = any(r.exhausted for r in runs)
     out["runs"] = len(runs)
-    out["noisy_runs"] = sum(_noisy(r) for r in all_runs)
+    out["noisy_runs"] = sum(loadgen.noisy(r) for r in all_runs)
     return out
-
-
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return round(value, 3)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -1162,21 +619,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
     p.add_argument("--kinds", default=",".join(KINDS),
                    help=f"comma-separated subset of {','.join(KINDS)} (default all)")
-    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per run")
-    p.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported")
-    p.add_argument("--max-requests", type=int, default=2_000_000,
-                   help="hard cap on requests per run (all generator processes)")
+    loadgen.add_run_arguments(p)
     p.add_argument("--presign", type=int, default=0,
                    help="pre-signed Encrypts per run, all processes (default: 1.2 x run "
                         f"seconds x the /health ops/s of the repetition, else {DEFAULT_PRESIGN})")
     p.add_argument("--plaintext-bytes", type=int, default=64,
                    help="Plaintext length (ASCII letters and digits)")
-    p.add_argument("--gen-procs", type=int, default=2, help="generator processes")
-    p.add_argument("--connections", type=int, default=32,
-                   help="keep-alive connections in all (one request in flight each)")
-    p.add_argument("--gen-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                   help="the generator's event loop; auto = uvloop when installed")
+    loadgen.add_generator_arguments(p)
     p.add_argument("--rate", default=f"{TARGET_OPS['external']:g}",
                    help="open-loop runs at these ops/s on a fixed schedule, comma-separated "
                         "(default %(default)s; 0 = none)")
@@ -1191,11 +640,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--py-spy-nonblocking", action="store_true",
                    help="do not pause the front for each sample (less overhead, but stacks "
                         "read while it runs can be inconsistent)")
-    p.add_argument("--wait-quiet", type=float, default=30.0,
-                   help="before each run, wait up to this many seconds for an idle machine")
-    p.add_argument("--noisy-retries", type=int, default=1,
-                   help=f"repeat a run whose other%% exceeds {NOISY_OTHER_PCT:.0f} up to this "
-                        "many times (default 1)")
+    loadgen.add_quiet_arguments(p, noisy_retries=1)
     p.add_argument("--keep-workdir", action="store_true")
     return p
 
@@ -1207,23 +652,19 @@ def _check(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         p.error(f"--kinds must name some of {','.join(KINDS)}")
     if any(k not in KEY_KINDS for k in rate_kinds):
         p.error(f"--rate-kinds must name some of {','.join(KEY_KINDS)}")
-    if not (0 < args.duration and args.duration + args.warmup <= MAX_RUN_SECONDS):
-        p.error(f"--duration + --warmup must be within {MAX_RUN_SECONDS:.0f} s (requests are "
-                "signed before the run and the front allows 15 minutes of skew)")
-    if args.warmup < 0 or args.runs < 1 or args.max_requests < 1 or args.presign < 0:
-        p.error("--warmup and --presign must be >= 0, --runs and --max-requests >= 1")
-    if not 1 <= args.gen_procs <= 64 or args.connections < args.gen_procs:
-        p.error("--gen-procs must be 1-64 and --connections at least --gen-procs")
+    loadgen.check_load_arguments(
+        args, p, max_run_seconds=MAX_RUN_SECONDS,
+        why="requests are signed before the run and the front allows 15 minutes of skew")
+    if args.presign < 0:
+        p.error("--presign must be >= 0")
     if not 1 <= args.plaintext_bytes <= 6144:
         p.error("--plaintext-bytes must be 1-6144 (the API's limit is 6 KB)")
     try:
         rates = [float(r) for r in args.rate.split(",") if r.strip()]
     except ValueError:
         p.error("--rate must be numbers, comma-separated")
-    if any(not 0 <= r <= 1e6 for r in rates) or args.wait_quiet < 0 or args.noisy_retries < 0 \
-            or args.py_spy_rate < 1:
-        p.error("--rate must be 0-1e6, --wait-quiet and --noisy-retries >= 0, "
-                "--py-spy-rate >= 1")
+    if any(not 0 <= r <= 1e6 for r in rates) or args.py_spy_rate < 1:
+        p.error("--rate must be 0-1e6 and --py-spy-rate >= 1")
     args.rates = [r for r in rates if r > 0]
     args.kinds = kinds
     args.rate_kinds = [k for k in rate_kinds if k in kinds] if args.rates else []
@@ -1248,21 +689,16 @@ def measure_once(stack: Stack, job: Job, opts: LoadOptions, ceiling: float | Non
                  label: str, profiler: Profiler | None = None) -> RunResult:
     """One run, repeated while other processes disturb it (up to ``noisy_retries``)."""
     presign = _presign_count(job, opts, ceiling)
-    result: RunResult | None = None
-    for attempt in range(1 + opts.noisy_retries):
-        _wait_quiet(opts.wait_quiet)
+
+    def run() -> RunResult:
         result = run_load(stack, job, opts, presign, profiler)
         if ceiling and job.kind != "health" and not job.rate:
-            result = RunResult(**{**asdict(result), "xceil": result.ops_s / ceiling})
-        noisy = _noisy(result)
-        print(_row(label + ("?" if noisy else ""), asdict(result)), flush=True)
-        if not noisy or profiler is not None:
-            break
-        if attempt < opts.noisy_retries:
-            print(f"  ! other processes used {result.other_cpu_pct:.0f}% CPU; repeating",
-                  file=sys.stderr, flush=True)
-    assert result is not None
-    return result
+            result = replace(result, xceil=result.ops_s / ceiling)
+        return result
+
+    # A profiled run is not repeated: it is not in the medians.
+    return loadgen.measure_repeated(run, label=label, table=TABLE, opts=opts,
+                                    retry=profiler is None)
 
 
 def _targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -1307,7 +743,7 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
         rate_signer = next(j.signer for j in jobs if j.kind == kind)
         jobs.extend(Job(kind, None, rate_signer, rate=rate) for rate in args.rates)
 
-    print("\n" + _header(), flush=True)
+    print("\n" + TABLE.header(), flush=True)
     runs: dict[str, list[RunResult]] = {job.label: [] for job in jobs}
     noisy = 0
     total_sent = 0
@@ -1321,7 +757,7 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
                 return {"failed": str(exc), "results": {k: median_result(v)
                                                         for k, v in runs.items()}}
             runs[job.label].append(result)
-            noisy += _noisy(result)
+            noisy += loadgen.noisy(result)
             total_sent += result.used if job.signer else 0
             if job.kind == "health":
                 ceiling = result.ops_s
@@ -1333,16 +769,16 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
     results = {label: median_result(rs) for label, rs in runs.items()}
     print("\nmedians over the undisturbed runs (each column on its own; \"?\" runs only if "
           "all were disturbed):")
-    print(_header())
+    print(TABLE.header())
     for label, values in results.items():
-        print(_row(f"{label} median", values), flush=True)
+        print(TABLE.row(f"{label} median", values), flush=True)
 
     profiles: dict[str, Any] = {}
     if args.py_spy:
         out_dir = Path(tempfile.mkdtemp(prefix="kms-bench-pyspy-"))
         print(f"\nprofiled runs (py-spy on the front, not in the medians; raw files in "
               f"{out_dir}):", flush=True)
-        print(_header(), flush=True)
+        print(TABLE.header(), flush=True)
         ceiling = results.get("health", {}).get("ops_s")
         # Every closed-loop kind, and the open loop at the first --rate only.
         for job in (j for j in jobs if not j.rate or j.rate == args.rates[0]):
@@ -1365,21 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     _check(args, p)
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)  # Unwinds through the stack's clean-up.
-
-    signal.signal(signal.SIGTERM, on_term)
-    if args.gen_loop == "auto":
-        args.gen_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    opts = LoadOptions(duration=args.duration, warmup=args.warmup,
-                       max_requests=args.max_requests, presign=args.presign,
-                       gen_procs=args.gen_procs, connections=args.connections,
-                       gen_loop=args.gen_loop, wait_quiet=args.wait_quiet,
-                       noisy_retries=args.noisy_retries)
+    loadgen.exit_on_sigterm()
+    opts = LoadOptions.from_args(args, presign=args.presign)
     print(f"kms_encrypt: {os.cpu_count()} CPUs, kinds {','.join(args.kinds)}, plaintext "
-          f"{args.plaintext_bytes} B, generator {args.gen_procs} procs x {args.connections} "
-          f"connections in all ({args.gen_loop}), {args.runs} runs x {args.duration:g} s "
-          f"(+{args.warmup:g} s warm-up)"
+          f"{args.plaintext_bytes} B, {loadgen.describe_load(args)}"
           + (f", open loop at {','.join(f'{r:g}' for r in args.rates)}/s for "
              f"{','.join(args.rate_kinds)}"
              if args.rate_kinds else ""), flush=True)
@@ -1404,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile["top_self"] = profile.get("top_self", [])[:6]
         profile["top_inclusive"] = profile.get("top_inclusive", [])[:6]
         profile["top_owner"] = profile.get("top_owner", [])[:6]
-    print(json.dumps(_rounded(summary), separators=(",", ":")))
+    print(json.dumps(loadgen.rounded(summary), separators=(",", ":")))
     return 1 if "failed" in summary else 0
 
 
