@@ -34,13 +34,22 @@ KEYS: Final = {"default": ("foo", "both"), "encrypt_only": ("encrypt_only_key", 
                "impotent": ("impotent_key", "none")}
 
 
-def make_certs(out: Path, *, sans: list[str], client_cn: str = CLIENT_CN) -> dict[str, Path]:
-    """A dev CA (reused if present), a server certificate and a client certificate."""
+def make_certs(out: Path, *, sans: list[str], client_cn: str = CLIENT_CN,
+               reuse: bool = False) -> dict[str, Path]:
+    """A dev CA (reused if present), a server certificate and a client certificate.
+
+    With ``reuse``, existing leaf certificates are kept: a client that pins the server
+    certificate (the KMS front's XKI connection) keeps working across restarts.
+    """
     ca = DevCA.load_or_create(out)
-    server = ca.issue("server", common_name=sans[0], sans=sans, server=True)
-    client = ca.issue("client", common_name=client_cn, sans=[client_cn], server=False)
-    return {"ca": ca.cert_path, "server_cert": server.cert, "server_key": server.key,
-            "client_cert": client.cert, "client_key": client.key}
+    paths = {"ca": ca.cert_path, "server_cert": out / "server.pem",
+             "server_key": out / "server-key.pem", "client_cert": out / "client.pem",
+             "client_key": out / "client-key.pem"}
+    if reuse and all(p.exists() for p in paths.values()):
+        return paths
+    ca.issue("server", common_name=sans[0], sans=sans, server=True)
+    ca.issue("client", common_name=client_cn, sans=[client_cn], server=False)
+    return paths
 
 
 def _random_access_key_id() -> str:
@@ -78,7 +87,7 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
         if _alive(int(info["pid"])):
             return dict(info)
     workdir.mkdir(parents=True, exist_ok=True)
-    certs = make_certs(workdir / "certs", sans=["localhost", "127.0.0.1"])
+    certs = make_certs(workdir / "certs", sans=["localhost", "127.0.0.1"], reuse=True)
     conf = workdir / "softhsm2.conf"
     write_softhsm_conf(workdir / "tokens", conf)
     config_path = workdir / "ekm-sim.toml"

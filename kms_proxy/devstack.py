@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import secrets
+import socket
 import ssl
 import string
 import subprocess
@@ -39,6 +40,12 @@ __all__ = ["down", "token", "up"]
 REGION: Final = "cn-hangzhou"
 ACCOUNTS: Final = ("1234567890123456", "9876543210987654")
 _ALNUM: Final = string.ascii_letters + string.digits
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _random(length: int) -> str:
@@ -159,9 +166,12 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
         except ProcessLookupError:
             pass
     workdir.mkdir(parents=True, exist_ok=True)
-    # The simulator is its own program: start it through its CLI, read its ekm.json.
+    # The simulator is its own program: start it through its CLI, read its ekm.json. It
+    # gets a fixed port the first time (kept in its config), so the front's XKI endpoint
+    # stays right when the simulator is stopped and started again.
     subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "up", "--workdir",
-                    str(workdir / "ekm")], check=True, capture_output=True, timeout=timeout)
+                    str(workdir / "ekm"), "--port", str(_free_port())],
+                   check=True, capture_output=True, timeout=timeout)
     ekm = json.loads((workdir / "ekm" / "ekm.json").read_text())
     ca = DevCA.load_or_create(workdir / "certs")
     server = ca.issue("kms", common_name="localhost", sans=["localhost", "127.0.0.1"],

@@ -230,3 +230,26 @@ def test_ekm_side_rotation_keeps_old_ciphertexts_decryptable(stack: dict[str, An
     for blob, text in ((before, "before"), (after, "after")):
         assert sdk.decrypt(m.DecryptRequest(ciphertext_blob=blob.ciphertext_blob)
                            ).body.plaintext == text
+
+
+def test_ekm_outage_gives_a_typed_error_within_the_budget_and_recovers(
+        stack: dict[str, Any], sdk: Client) -> None:
+    """The EKM stopped mid-run: 503 ServiceUnavailableTemporary well within the XKS budget
+    (250 ms per call, the front's answer adds its own work), then recovery once it is back
+    on the same address."""
+    import time
+
+    external, ekm_dir = stack["keys"]["external"], str(Path(stack["ekm"]["config"]).parent)
+    ekm = [sys.executable, "-m", "ekm_sim.cli", "dev"]
+    sealed = sdk.encrypt(m.EncryptRequest(key_id=external, plaintext="before")).body
+    subprocess.run([*ekm, "down", "--workdir", ekm_dir], check=True, timeout=60)
+    try:
+        started = time.monotonic()
+        assert refused(lambda: sdk.encrypt(m.EncryptRequest(
+            key_id=external, plaintext="x"))) == (503, "ServiceUnavailableTemporary")
+        assert time.monotonic() - started < 1.0
+    finally:
+        subprocess.run([*ekm, "up", "--workdir", ekm_dir], check=True, timeout=120,
+                       capture_output=True)
+    assert sdk.decrypt(m.DecryptRequest(ciphertext_blob=sealed.ciphertext_blob)
+                       ).body.plaintext == "before"
