@@ -33,7 +33,7 @@ from kms_proxy.backends.hsm import HSMBackend
 from kms_proxy.backends.software import SoftwareBackend
 from kms_proxy.backends.xks_client import XKSClient, XKSConnection
 from kms_proxy.config import Config, HSMTokenConfig, XKIConfig
-from kms_proxy.core.audit import AuditEvent, AuditLog
+from kms_proxy.core.audit import AuditEvent, AuditLog, Outcome
 from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
 from kms_proxy.core.errors import KmsError
 from kms_proxy.core.model import Instance, KeyKind, Principal, PrincipalKind
@@ -162,11 +162,11 @@ def _audit_key(body: dict[str, Any], params: dict[str, str], succeeded: bool
     return named[:256], succeeded and named.startswith("key-")
 
 
-def _audit(request: web.Request, action: str, principal: Principal, outcome: str,
+def _audit(request: web.Request, action: str, principal: Principal, outcome: Outcome,
            error_code: str | None, result: dict[str, Any], params: dict[str, str]) -> None:
     """One audit event per authenticated action, successful or not (never plaintext)."""
     audit = request.app[AUDIT]
-    key_id, resolved = _audit_key(result, params, outcome == "Success")
+    key_id, resolved = _audit_key(result, params, outcome is Outcome.SUCCESS)
     key_arn = None
     if key_id and resolved:
         key_arn = f"acs:kms:{request.app[SERVICE].region}:{principal.account_id}:key/{key_id}"
@@ -178,7 +178,8 @@ def _audit(request: web.Request, action: str, principal: Principal, outcome: str
     audit.append(AuditEvent(
         time=audit.now(), request_id=request[REQUEST_ID], principal=principal.arn,
         account_id=principal.account_id, action=action, key_id=key_id, key_arn=key_arn,
-        outcome=outcome, error_code=error_code, source_ip=request.remote, details=details))
+        outcome=str(outcome), error_code=error_code, source_ip=request.remote,
+        details=details))
 
 
 async def rpc(request: web.Request) -> web.Response:
@@ -200,11 +201,11 @@ async def rpc(request: web.Request) -> web.Response:
         raise ApiError("InvalidAction.NotFound", 404, f"Specified api {action!r} is not "
                        "found.")
     params = {k: v for k, v in {**query, **form}.items() if k not in _PROTOCOL_PARAMS}
-    outcome, result = "Failure", {}
+    outcome, result = Outcome.FAILURE, {}
     error_code: str | None = "InternalFailure"
     try:
         result = await spec.handler(Call(request.app[SERVICE], principal, Params(params)))
-        outcome, error_code = "Success", None
+        outcome, error_code = Outcome.SUCCESS, None
     except KmsError as exc:
         error = from_core(exc)
         error_code = error.code

@@ -52,9 +52,6 @@ class Params:
         except (binascii.Error, ValueError):
             raise InvalidParameter(name, "not valid Base64") from None
 
-    def optional_b64(self, name: str) -> bytes | None:
-        return None if self._values.get(name) in (None, "") else self.b64(name)
-
     def integer(self, name: str, *, default: int | None, low: int, high: int) -> int | None:
         value = self._values.get(name)
         if value in (None, ""):

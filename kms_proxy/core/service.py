@@ -357,12 +357,6 @@ class KeyService:
         self._buckets[instance.instance_id] = TokenBucket(rate=instance.spec_qps,
                                                           burst=instance.spec_qps)
 
-    async def load_instances(self, account_ids: Sequence[str]) -> None:
-        for account in account_ids:
-            for instance in await self._store.list_instances(account, self.region):
-                self._buckets[instance.instance_id] = TokenBucket(
-                    rate=instance.spec_qps, burst=instance.spec_qps)
-
     async def list_kms_instances(self, principal: Principal, *, page_number: int,
                                  page_size: int) -> Page[Instance]:
         instances = await self._store.list_instances(principal.account_id, self.region)
