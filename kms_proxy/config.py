@@ -53,6 +53,11 @@ class AccessKeyConfig:
 class AccountConfig:
     id: str
     access_keys: tuple[AccessKeyConfig, ...]
+    # The paid rotation add-on: default and service keys may rotate.
+    rotation_addon: bool = False
+    # "kms": the default master key gets KMS-generated material; "import": it waits, at its
+    # first enabling, for BYOK material (the seed: import only when first enabled).
+    default_key_material: str = "kms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,8 @@ class Config:
     max_clock_skew: int = 900
     hsm: HSMTokenConfig | None = None
     trusted_issuers: tuple[IssuerConfig, ...] = ()
+    # How often the lifecycle sweep runs (deletion windows, material expiry, rotation).
+    lifecycle_interval_s: float = 60.0
 
 
 def _secret_bytes(r: TableReader, value_key: str, file_key: str, *, required: bool
@@ -230,7 +237,12 @@ def parse(data: dict[str, object], base: Path) -> Config:
             k.check(bool(_AK_ID.fullmatch(key.id)), "id", "must be 8-64 letters or digits")
             k.check(len(key.secret) >= 16, "secret", "must be at least 16 characters")
             keys.append(key)
-        accounts.append(AccountConfig(account_id, tuple(keys)))
+        material = a.get("default_key_material", str, "kms")
+        a.check(material in ("kms", "import"), "default_key_material",
+                'must be "kms" or "import"')
+        accounts.append(AccountConfig(account_id, tuple(keys),
+                                      rotation_addon=a.get("rotation_addon", bool, False),
+                                      default_key_material=material))
     ids = [k.id for a in accounts for k in a.access_keys]
     root.check(len(ids) == len(set(ids)), "accounts", "repeat an access key id")
     account_ids = {a.id for a in accounts}
@@ -264,7 +276,14 @@ def parse(data: dict[str, object], base: Path) -> Config:
         server=_server(root.table("server")),
         max_clock_skew=root.get("max_clock_skew", int, 900),
         hsm=_hsm(root.table("hsm")),
-        trusted_issuers=_issuers(root))
+        trusted_issuers=_issuers(root),
+        lifecycle_interval_s=_positive(root, "lifecycle_interval_s", 60.0))
+
+
+def _positive(r: TableReader, key: str, default: float) -> float:
+    value: float = r.get(key, float, default)
+    r.check(value > 0, key, "must be positive")
+    return value
 
 
 def load(path: Path, env: Mapping[str, str] | None = None) -> Config:

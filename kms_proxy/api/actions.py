@@ -11,13 +11,16 @@ from typing import Any, Final
 
 from kms_proxy.api.params import Params
 from kms_proxy.core.errors import InvalidParameter, UnsupportedOperation
+from kms_proxy.core.lifecycle import next_rotation
 from kms_proxy.core.model import (
     Alias,
     Instance,
     Key,
     KeySpec,
+    KeyState,
     KeyStorageMechanism,
     KeyUsage,
+    KeyVersion,
     Origin,
     Principal,
 )
@@ -62,10 +65,13 @@ def key_metadata(key: Key, *, describe: bool = False) -> dict[str, Any]:
         "Creator": key.creator,
         "Description": key.description,
         "PrimaryKeyVersion": key.primary_version_id,
-        "AutomaticRotation": "Disabled",
-        "LastRotationDate": key.created,
-        "MaterialExpireTime": "",
+        "AutomaticRotation": _rotation_status(key),
+        "LastRotationDate": key.last_rotation or key.created,
+        "MaterialExpireTime": key.material_expire or "",
     }
+    if key.rotation_interval is not None:
+        metadata["RotationInterval"] = f"{key.rotation_interval}s"
+        metadata["NextRotationDate"] = next_rotation(key)
     if key.instance_id:
         metadata["DKMSInstanceId"] = key.instance_id
     if key.delete_date:
@@ -78,6 +84,18 @@ def key_metadata(key: Key, *, describe: bool = False) -> dict[str, Any]:
         metadata["DeletionProtection"] = "Enabled" if key.deletion_protection else "Disabled"
         metadata["DeletionProtectionDescription"] = key.deletion_protection_description
     return metadata
+
+
+def _rotation_status(key: Key) -> str:
+    """Alibaba's AutomaticRotation: a policy on a key that is not Enabled is Suspended."""
+    if key.rotation_interval is None:
+        return "Disabled"
+    return "Enabled" if key.state is KeyState.ENABLED else "Suspended"
+
+
+def _version_row(version: KeyVersion) -> dict[str, str]:
+    return {"KeyId": version.key_id, "KeyVersionId": version.version_id,
+            "CreationDate": version.created}
 
 
 def _paged(page: Page[Any], outer: str, inner: str, rows: list[dict[str, Any]]
@@ -109,7 +127,9 @@ async def create_key(c: Call) -> dict[str, Any]:
         storage=p.enum("KeyStorageMechanism", KeyStorageMechanism),
         # This project's extension for external (XKI) keys: the key's id in the external
         # key manager. Send it with the SDK's generic call_api (see the README).
-        external_key_id=p.optional_text("ExternalKeyId", max_len=128))
+        external_key_id=p.optional_text("ExternalKeyId", max_len=128),
+        rotation=p.boolean("EnableAutomaticRotation"),
+        rotation_interval=p.duration("RotationInterval"))
     return {"KeyMetadata": key_metadata(key)}
 
 
@@ -143,6 +163,100 @@ async def update_key_description(c: Call) -> dict[str, Any]:
     await c.service.update_key_description(c.principal, c.params.text("KeyId"),
                                            description or "")
     return {}
+
+
+# -- versions, rotation, deletion ------------------------------------------------------------
+
+async def create_key_version(c: Call) -> dict[str, Any]:
+    version = await c.service.lifecycle.create_key_version(c.principal,
+                                                           c.params.text("KeyId"))
+    return {"KeyVersion": _version_row(version)}
+
+
+async def update_rotation_policy(c: Call) -> dict[str, Any]:
+    p = c.params
+    await c.service.lifecycle.update_rotation_policy(
+        c.principal, p.text("KeyId"), enabled=p.required_boolean("EnableAutomaticRotation"),
+        interval=p.duration("RotationInterval"))
+    return {}
+
+
+async def list_key_versions(c: Call) -> dict[str, Any]:
+    number, size = c.params.page()
+    page = await c.service.lifecycle.list_key_versions(
+        c.principal, c.params.text("KeyId"), page_number=number, page_size=size)
+    return _paged(page, "KeyVersions", "KeyVersion", [_version_row(v) for v in page.items])
+
+
+async def describe_key_version(c: Call) -> dict[str, Any]:
+    version = await c.service.lifecycle.describe_key_version(
+        c.principal, c.params.text("KeyId"), c.params.text("KeyVersionId", max_len=128))
+    return {"KeyVersion": _version_row(version)}
+
+
+async def schedule_key_deletion(c: Call) -> dict[str, Any]:
+    days = c.params.integer("PendingWindowInDays", default=None, low=-(1 << 31),
+                            high=1 << 31)
+    if days is None:
+        c.params.text("PendingWindowInDays")  # raises MissingParameter
+    assert days is not None
+    await c.service.lifecycle.schedule_key_deletion(c.principal, c.params.text("KeyId"),
+                                                    days)
+    return {}
+
+
+async def cancel_key_deletion(c: Call) -> dict[str, Any]:
+    await c.service.lifecycle.cancel_key_deletion(c.principal, c.params.text("KeyId"))
+    return {}
+
+
+async def set_deletion_protection(c: Call) -> dict[str, Any]:
+    p = c.params
+    await c.service.lifecycle.set_deletion_protection(
+        c.principal, p.text("ProtectedResourceArn", max_len=512),
+        enabled=p.required_boolean("EnableDeletionProtection"),
+        description=p.get("DeletionProtectionDescription") or "")
+    return {}
+
+
+# -- BYOK ------------------------------------------------------------------------------
+
+async def get_parameters_for_import(c: Call) -> dict[str, Any]:
+    p = c.params
+    issued = await c.service.lifecycle.get_parameters_for_import(
+        c.principal, p.text("KeyId"), wrapping_spec=p.text("WrappingKeySpec", max_len=32),
+        algorithm=p.text("WrappingAlgorithm", max_len=32))
+    return {"KeyId": issued.key_id, "ImportToken": issued.token,
+            "PublicKey": _b64(issued.public_key_der),
+            "TokenExpireTime": issued.expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+async def import_key_material(c: Call) -> dict[str, Any]:
+    p = c.params
+    await c.service.lifecycle.import_key_material(
+        c.principal, p.text("KeyId"), encrypted=p.b64("EncryptedKeyMaterial", max_len=8192),
+        token=p.text("ImportToken", max_len=256),
+        expire_unix=p.integer("KeyMaterialExpireUnix", default=None, low=0,
+                              high=253402300799))
+    return {}
+
+
+async def delete_key_material(c: Call) -> dict[str, Any]:
+    await c.service.lifecycle.delete_key_material(c.principal, c.params.text("KeyId"))
+    return {}
+
+
+# -- backup (this project's extension: the 2016-01-20 API has no backup action) ----------
+
+async def backup_key(c: Call) -> dict[str, Any]:
+    backup = await c.service.lifecycle.backup_key(c.principal, c.params.text("KeyId"))
+    return {"KeyId": c.params.text("KeyId"), "KeyBackup": _b64(backup)}
+
+
+async def restore_key_backup(c: Call) -> dict[str, Any]:
+    key = await c.service.lifecycle.restore_key_backup(c.principal,
+                                                       c.params.b64("KeyBackup"))
+    return {"KeyMetadata": key_metadata(key)}
 
 
 # -- aliases ---------------------------------------------------------------------------
@@ -388,12 +502,34 @@ _CTX = ("EncryptionContext", "DryRun")
 ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "CreateKey": Action(create_key, (), ("DKMSInstanceId", "KeySpec", "KeyUsage", "Origin",
                                          "Description", "Tags", "KeyStorageMechanism",
+                                         "EnableAutomaticRotation", "RotationInterval",
                                          "ExternalKeyId"), "Create a key"),
     "DescribeKey": Action(describe_key, ("KeyId",), (), "A key's metadata"),
     "ListKeys": Action(list_keys, (), ("Filters", "PageNumber", "PageSize"), "List keys"),
     "EnableKey": Action(enable_key, ("KeyId",), (), "Enable a key"),
     "DisableKey": Action(disable_key, ("KeyId",), (), "Disable a key"),
     "UpdateKeyDescription": Action(update_key_description, ("KeyId", "Description")),
+    "CreateKeyVersion": Action(create_key_version, ("KeyId",), (), "Rotate a key by hand"),
+    "UpdateRotationPolicy": Action(update_rotation_policy,
+                                   ("KeyId", "EnableAutomaticRotation"),
+                                   ("RotationInterval",), "Automatic rotation"),
+    "ListKeyVersions": Action(list_key_versions, ("KeyId",), ("PageNumber", "PageSize")),
+    "DescribeKeyVersion": Action(describe_key_version, ("KeyId", "KeyVersionId")),
+    "ScheduleKeyDeletion": Action(schedule_key_deletion, ("KeyId", "PendingWindowInDays")),
+    "CancelKeyDeletion": Action(cancel_key_deletion, ("KeyId",)),
+    "SetDeletionProtection": Action(set_deletion_protection,
+                                    ("ProtectedResourceArn", "EnableDeletionProtection"),
+                                    ("DeletionProtectionDescription",)),
+    "GetParametersForImport": Action(get_parameters_for_import,
+                                     ("KeyId", "WrappingKeySpec", "WrappingAlgorithm")),
+    "ImportKeyMaterial": Action(import_key_material,
+                                ("KeyId", "EncryptedKeyMaterial", "ImportToken"),
+                                ("KeyMaterialExpireUnix",)),
+    "DeleteKeyMaterial": Action(delete_key_material, ("KeyId",)),
+    "BackupKey": Action(backup_key, ("KeyId",), (),
+                        "This project's extension: an encrypted backup of a software key"),
+    "RestoreKeyBackup": Action(restore_key_backup, ("KeyBackup",), (),
+                               "This project's extension: recreate a key from a backup"),
     "CreateAlias": Action(create_alias, ("AliasName", "KeyId")),
     "UpdateAlias": Action(update_alias, ("AliasName", "KeyId")),
     "DeleteAlias": Action(delete_alias, ("AliasName",)),

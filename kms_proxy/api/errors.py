@@ -14,9 +14,13 @@ from kms_proxy.core.errors import (
     AccessDenied,
     AliasAlreadyExists,
     AliasNotFound,
+    DeletionProtected,
     DependencyUnavailable,
+    ExpiredImportToken,
     InstanceNotFound,
     InvalidCiphertext,
+    InvalidImportToken,
+    InvalidKeyMaterial,
     InvalidParameter,
     KeyNotFound,
     KeyStateInvalid,
@@ -48,6 +52,12 @@ ERRORS: Final[Mapping[type[KmsError], tuple[str, int]]] = MappingProxyType({
     Throttled: ("Rejected.Throttling", 429),
     LimitExceeded: ("Rejected.LimitExceeded", 400),
     DependencyUnavailable: ("ServiceUnavailableTemporary", 503),
+    InvalidImportToken: ("InvalidImportToken", 400),
+    ExpiredImportToken: ("ExpiredImportToken", 400),
+    InvalidKeyMaterial: ("InvalidKeyMaterial", 400),
+    # Alibaba documents no code for scheduling a protected key's deletion; the refusal is a
+    # permission one (the protection must be lifted first), so the permission code.
+    DeletionProtected: ("Forbidden.NoPermission", 403),
 })
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 from base64 import b64decode
 from collections.abc import Mapping
 from enum import StrEnum
@@ -21,6 +22,9 @@ __all__ = ["Params"]
 
 E = TypeVar("E", bound=StrEnum)
 MAX_CONTEXT_CHARS: Final = 8192
+# RotationInterval: an integer and a unit (reference section 2.7: "7d" = "604800s").
+_DURATION: Final = re.compile(r"([0-9]{1,12})([dhms])")
+_UNIT_SECONDS: Final = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
 
 
 class Params:
@@ -88,6 +92,22 @@ class Params:
         if value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise InvalidParameter(name, "must be true or false")
+
+    def required_boolean(self, name: str) -> bool:
+        if self._values.get(name) in (None, ""):
+            raise MissingParameter(name)
+        return self.boolean(name)
+
+    def duration(self, name: str) -> int | None:
+        """``<integer><d|h|m|s>`` in seconds; None when absent."""
+        value = self._values.get(name)
+        if value in (None, ""):
+            return None
+        assert value is not None
+        match = _DURATION.fullmatch(value)
+        if match is None:
+            raise InvalidParameter(name, "an integer followed by d, h, m or s (e.g. 365d)")
+        return int(match[1]) * _UNIT_SECONDS[match[2]]
 
     def _json(self, name: str) -> Any:
         value = self._values.get(name)

@@ -3,11 +3,11 @@ core's errors; they never see HTTP, wire formats or key metadata beyond the spec
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kms_proxy.core.model import CallInfo, KeySpec, KeyStorageMechanism, KeyVersion
 
-__all__ = ["KeyBackend"]
+__all__ = ["BackupSealer", "KeyBackend"]
 
 
 class KeyBackend(Protocol):
@@ -22,6 +22,21 @@ class KeyBackend(Protocol):
         :raises UnsupportedOperation: if the backend cannot hold ``spec``.
         :raises InvalidParameter: for a storage mechanism or external key id it cannot use.
         """
+        ...
+
+    async def import_material(self, *, version_id: str, spec: KeySpec, material: bytes,
+                              storage: KeyStorageMechanism | None = None) -> bytes:
+        """Take BYOK material (already unwrapped from the import token) for one version;
+        return what the store keeps to find it again.
+
+        :raises UnsupportedOperation: if the backend cannot take imported material.
+        """
+        ...
+
+    async def destroy(self, version: KeyVersion, spec: KeySpec) -> None:
+        """Forget a version's material: drop every cached copy, and delete what the backend
+        itself holds (token objects). Called when material is deleted or a key's deletion
+        window ends; the store's record goes separately."""
         ...
 
     async def seal(self, version: KeyVersion, spec: KeySpec, plaintext: bytes,
@@ -56,4 +71,18 @@ class KeyBackend(Protocol):
 
     async def public_key_pem(self, version: KeyVersion, spec: KeySpec) -> bytes:
         """The public key in PEM (SubjectPublicKeyInfo)."""
+        ...
+
+
+@runtime_checkable
+class BackupSealer(Protocol):
+    """A backend that can protect a key backup (the seed: software keys only)."""
+
+    def seal_backup(self, data: bytes) -> bytes:
+        """Encrypt and authenticate a backup document."""
+        ...
+
+    def open_backup(self, blob: bytes) -> bytes:
+        """Inverse of ``seal_backup``. :raises InvalidParameter: for a foreign or tampered
+        backup."""
         ...

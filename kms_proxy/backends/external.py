@@ -228,6 +228,15 @@ class ExternalBackend:
     def __init__(self, client: XKSClient) -> None:
         self._client = client
 
+    async def import_material(self, *, version_id: str, spec: KeySpec, material: bytes,
+                              storage: KeyStorageMechanism | None = None) -> bytes:
+        # The seed: no BYOK for external keys (the capability table refuses first).
+        raise UnsupportedOperation("external keys cannot take imported material")
+
+    async def destroy(self, version: KeyVersion, spec: KeySpec) -> None:
+        """Nothing to do: the material is the external key manager's, and deleting a key
+        here deletes only this service's metadata (the EKM's key stays)."""
+
     async def generate(self, *, version_id: str, spec: KeySpec,
                        storage: KeyStorageMechanism | None = None,
                        external_key_id: str | None = None, call: CallInfo) -> bytes:

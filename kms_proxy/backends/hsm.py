@@ -435,6 +435,59 @@ class HSMBackend:
                 public.destroy()
         return make
 
+    # -- imported material and destruction ----------------------------------------------------
+
+    async def import_material(self, *, version_id: str, spec: KeySpec, material: bytes,
+                              storage: KeyStorageMechanism | None = None) -> bytes:
+        """Put BYOK material into the token: as a sensitive, non-extractable token object
+        (HsmInternal), or as a session object wrapped at once by the wrapping key and then
+        destroyed (HsmEncryptedDatabase). The material crosses this process only on its way
+        in, as C_CreateObject's CKA_VALUE.
+
+        :raises UnsupportedOperation: for anything but AES material.
+        """
+        if spec not in _AES_BITS or len(material) * 8 != _AES_BITS[spec]:
+            raise UnsupportedOperation(f"the hsm backend imports AES material only, not {spec}")
+        internal = storage is None or storage is KeyStorageMechanism.HSM_INTERNAL
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: material, Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+            **(_SENSITIVE if internal else _WRAPPABLE), Attribute.TOKEN: internal}
+        if internal:
+            template.update({Attribute.LABEL: version_id,
+                             Attribute.ID: version_id.encode("ascii")})
+
+        def create(ctx: SessionContext) -> bytes:
+            key = ctx.session.create_object(template)
+            if internal:
+                return _INTERNAL + version_id.encode("ascii")
+            try:
+                wrapping = ctx.secret_key(self._wrap_label, self._wrap_id)
+                return _WRAPPED + bytes(wrapping.wrap_key(key, mechanism=_WRAP_MECHANISM))
+            finally:
+                key.destroy()
+
+        return await self._run(create)
+
+    async def destroy(self, version: KeyVersion, spec: KeySpec) -> None:
+        """Delete a version's token objects (HsmInternal) and make every session drop its
+        cached handles and unwrapped copies."""
+        material = self._material(version, spec) if version.material else None
+        with self._sessions_lock:
+            for keys in self._sessions.values():
+                keys.stale = True
+        self._public.pop(version.version_id, None)
+        if material is None or material.storage is not KeyStorageMechanism.HSM_INTERNAL:
+            return
+        ref = material.ref
+
+        def delete(ctx: SessionContext) -> None:
+            for obj in list(ctx.session.get_objects({Attribute.LABEL: ref,
+                                                     Attribute.TOKEN: True})):
+                obj.destroy()
+
+        await self._run(delete)
+
     # -- symmetric ---------------------------------------------------------------------------
 
     async def seal(self, version: KeyVersion, spec: KeySpec, plaintext: bytes,

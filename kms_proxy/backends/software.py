@@ -31,6 +31,7 @@ __all__ = ["SoftwareBackend"]
 IV_BYTES: Final = 12
 TAG_BYTES: Final = 16
 _WRAP_AAD: Final = b"kms-proxy software key v1|"
+_BACKUP_AAD: Final = b"kms-proxy key backup v1"
 _SYMMETRIC_BYTES: Final = {KeySpec.AES_256: 32, KeySpec.AES_128: 16, KeySpec.SM4: 16}
 _OAEP_HASH: Final = {"RSAES_OAEP_SHA_256": hashes.SHA256, "RSAES_OAEP_SHA_1": hashes.SHA1}
 
@@ -90,6 +91,31 @@ class SoftwareBackend:
         if spec in _SYMMETRIC_BYTES:
             return self._wrap(version_id, os.urandom(_SYMMETRIC_BYTES[spec]))
         return self._wrap(version_id, await asyncio.to_thread(_new_private_key_der, spec))
+
+    async def import_material(self, *, version_id: str, spec: KeySpec, material: bytes,
+                              storage: KeyStorageMechanism | None = None) -> bytes:
+        if storage is not None:
+            raise InvalidParameter("KeyStorageMechanism", "applies to hardware keys only")
+        if spec not in _SYMMETRIC_BYTES:
+            raise UnsupportedOperation(f"importing {spec} material is not implemented")
+        return self._wrap(version_id, material)
+
+    async def destroy(self, version: KeyVersion, spec: KeySpec) -> None:
+        # The wrapped material lives only in the store; forget the unwrapped copy.
+        self._cache.pop(version.version_id, None)
+
+    # -- backups ---------------------------------------------------------------------------
+
+    def seal_backup(self, data: bytes) -> bytes:
+        nonce = os.urandom(IV_BYTES)
+        return nonce + self._root.encrypt(nonce, data, _BACKUP_AAD)
+
+    def open_backup(self, blob: bytes) -> bytes:
+        try:
+            return self._root.decrypt(blob[:IV_BYTES], blob[IV_BYTES:], _BACKUP_AAD)
+        except (InvalidTag, ValueError):
+            raise InvalidParameter("KeyBackup", "not a backup made by this service, or "
+                                                "altered") from None
 
     # -- symmetric -----------------------------------------------------------------------
 

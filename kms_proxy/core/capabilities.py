@@ -13,17 +13,31 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
-from kms_proxy.core.errors import UnsupportedOperation
-from kms_proxy.core.model import InstanceType, KeyKind, KeySpec, KeyUsage, PrincipalKind
+from kms_proxy.core.errors import Unsupported, UnsupportedOperation
+from kms_proxy.core.model import (
+    InstanceType,
+    Key,
+    KeyKind,
+    KeySpec,
+    KeyState,
+    KeyStorageMechanism,
+    KeyUsage,
+    Origin,
+    PrincipalKind,
+)
 
 __all__ = [
     "KIND_CAPABILITIES",
     "KIND_INSTANCE",
+    "ROTATION_RULES",
     "SPECS",
     "Capability",
     "Op",
+    "RotationRule",
     "SpecInfo",
     "require",
+    "require_import",
+    "require_rotation",
     "required_capability",
     "spec_info",
 ]
@@ -61,6 +75,19 @@ class Op(StrEnum):
     LIST_KMS_INSTANCES = "ListKmsInstances"
     GET_KMS_INSTANCE = "GetKmsInstance"
     DESCRIBE_REGIONS = "DescribeRegions"
+    SCHEDULE_KEY_DELETION = "ScheduleKeyDeletion"
+    CANCEL_KEY_DELETION = "CancelKeyDeletion"
+    SET_DELETION_PROTECTION = "SetDeletionProtection"
+    CREATE_KEY_VERSION = "CreateKeyVersion"
+    UPDATE_ROTATION_POLICY = "UpdateRotationPolicy"
+    LIST_KEY_VERSIONS = "ListKeyVersions"
+    DESCRIBE_KEY_VERSION = "DescribeKeyVersion"
+    GET_PARAMETERS_FOR_IMPORT = "GetParametersForImport"
+    IMPORT_KEY_MATERIAL = "ImportKeyMaterial"
+    DELETE_KEY_MATERIAL = "DeleteKeyMaterial"
+    # This project's extension: the seed's "backup" column has no 2016-01-20 action.
+    BACKUP_KEY = "BackupKey"
+    RESTORE_KEY_BACKUP = "RestoreKeyBackup"
 
 
 class Capability(StrEnum):
@@ -84,8 +111,9 @@ class Capability(StrEnum):
 _ALL_USER_KEY: Final = frozenset(Capability)
 
 # Seed digest, "Capabilities per key kind". Rotation rules narrower than a yes/no (software:
-# symmetric only; hardware: symmetric in HsmEncryptedDatabase only; default keys: paid
-# add-on) are applied where rotation is implemented.
+# symmetric only; hardware: symmetric in HsmEncryptedDatabase only; default and service keys:
+# the paid add-on) are ROTATION_RULES below; the default key's "import only when first
+# enabled" is in require_import.
 KIND_CAPABILITIES: Final[Mapping[KeyKind, frozenset[Capability]]] = MappingProxyType({
     KeyKind.SOFTWARE: _ALL_USER_KEY,
     KeyKind.HARDWARE: _ALL_USER_KEY - {Capability.BACKUP},
@@ -194,6 +222,15 @@ _OP_CAPABILITY: Final[Mapping[Op, Capability]] = MappingProxyType({
     Op.DELETE_ALIAS: Capability.ALIASES,
     Op.TAG_RESOURCE: Capability.TAGS,
     Op.UNTAG_RESOURCE: Capability.TAGS,
+    Op.SCHEDULE_KEY_DELETION: Capability.SCHEDULED_DELETION,
+    Op.CANCEL_KEY_DELETION: Capability.SCHEDULED_DELETION,
+    Op.SET_DELETION_PROTECTION: Capability.DELETION_PROTECTION,
+    Op.CREATE_KEY_VERSION: Capability.ROTATION,
+    Op.UPDATE_ROTATION_POLICY: Capability.ROTATION,
+    Op.GET_PARAMETERS_FOR_IMPORT: Capability.BYOK_IMPORT,
+    Op.IMPORT_KEY_MATERIAL: Capability.BYOK_IMPORT,
+    Op.DELETE_KEY_MATERIAL: Capability.BYOK_IMPORT,
+    Op.BACKUP_KEY: Capability.BACKUP,
 })
 
 # Crypto a cloud service performs for server-side encryption.
@@ -206,7 +243,7 @@ _SSE_OPS: Final = frozenset({
 # Reads every key kind allows, migrated keys included.
 _READ_OPS: Final = frozenset({
     Op.DESCRIBE_KEY, Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID,
-    Op.LIST_RESOURCE_TAGS,
+    Op.LIST_RESOURCE_TAGS, Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION,
 })
 
 
@@ -231,3 +268,74 @@ def require(kind: KeyKind, op: Op, principal: PrincipalKind) -> None:
     if needed is not None and needed not in KIND_CAPABILITIES[kind]:
         label = kind.value.replace("_", " ")
         raise UnsupportedOperation(f"a {label} key does not support {needed} ({op})")
+
+
+_DAY: Final = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class RotationRule:
+    """How a key kind may rotate, beyond the capability table's yes/no."""
+
+    # RotationInterval bounds, in seconds.
+    min_interval: int
+    max_interval: int
+    # Only this storage mechanism rotates (hardware keys: HsmEncryptedDatabase).
+    storage: KeyStorageMechanism | None = None
+    # Rotation is the paid add-on (default and service keys): the account must have it.
+    needs_addon: bool = False
+
+
+# OpenAPI reference section 2.7: software keys 7-365 d, default keys 365 d only; symmetric
+# keys only, KMS-generated material only (imported material never rotates). Hardware keys
+# rotate only in HsmEncryptedDatabase (CreateKey text); the reference gives no interval for
+# them, so they take the software keys' bounds. Service keys follow the default key.
+ROTATION_RULES: Final[Mapping[KeyKind, RotationRule]] = MappingProxyType({
+    KeyKind.SOFTWARE: RotationRule(7 * _DAY, 365 * _DAY),
+    KeyKind.HARDWARE: RotationRule(7 * _DAY, 365 * _DAY,
+                                   storage=KeyStorageMechanism.HSM_ENCRYPTED_DATABASE),
+    KeyKind.DEFAULT_MASTER: RotationRule(365 * _DAY, 365 * _DAY, needs_addon=True),
+    KeyKind.SERVICE: RotationRule(365 * _DAY, 365 * _DAY, needs_addon=True),
+})
+
+
+def require_rotation(key: Key, op: Op, principal: PrincipalKind, *, addon: bool
+                     ) -> RotationRule:
+    """The rotation rule of ``key``; refuse ``op`` (CreateKeyVersion, UpdateRotationPolicy,
+    automatic rotation) where the seed's rotation column or its narrower text says no.
+
+    :raises UnsupportedOperation:
+    """
+    require(key.kind, op, principal)
+    rule = ROTATION_RULES[key.kind]
+    label = key.kind.value.replace("_", " ")
+    if not SPECS[key.spec].symmetric:
+        raise UnsupportedOperation(f"asymmetric keys do not rotate ({op})")
+    if key.origin is not Origin.ALIYUN_KMS:
+        raise UnsupportedOperation(f"keys with imported material do not rotate ({op})")
+    if rule.storage is not None and key.storage_mechanism is not rule.storage:
+        raise UnsupportedOperation(f"a {label} key rotates only with KeyStorageMechanism "
+                                   f"{rule.storage} ({op})")
+    if rule.needs_addon and not addon:
+        raise UnsupportedOperation(f"rotating a {label} key needs the paid rotation add-on, "
+                                   f"which this account does not have ({op})")
+    return rule
+
+
+def require_import(key: Key, op: Op, principal: PrincipalKind) -> None:
+    """Refuse a BYOK action where the seed says no: the capability table, then Origin, then
+    the default master key's "import only when the key is first enabled".
+
+    :raises UnsupportedOperation: :raises Unsupported: (``Unsupported.Origin``)
+    """
+    require(key.kind, op, principal)
+    if key.origin is not Origin.EXTERNAL:
+        raise Unsupported("Origin", f"{op} needs a key created with Origin EXTERNAL")
+    if not SPECS[key.spec].symmetric:
+        raise UnsupportedOperation(f"importing asymmetric key material is not "
+                                   f"implemented ({op})")
+    if key.kind is KeyKind.DEFAULT_MASTER and (
+            op is Op.DELETE_KEY_MATERIAL or key.material_check
+            or key.state is not KeyState.PENDING_IMPORT):
+        raise UnsupportedOperation("a default master key takes imported material only when "
+                                   f"it is first enabled ({op})")

@@ -7,9 +7,13 @@ __all__ = [
     "AccessDenied",
     "AliasAlreadyExists",
     "AliasNotFound",
+    "DeletionProtected",
     "DependencyUnavailable",
+    "ExpiredImportToken",
     "InstanceNotFound",
     "InvalidCiphertext",
+    "InvalidImportToken",
+    "InvalidKeyMaterial",
     "InvalidParameter",
     "KeyNotFound",
     "KeyStateInvalid",
@@ -129,3 +133,29 @@ class DependencyUnavailable(KmsError):
     def __init__(self, backend: str, reason: str) -> None:
         super().__init__(f"The {backend} key backend is unavailable: {reason}")
         self.backend, self.reason = backend, reason
+
+
+class DeletionProtected(KmsError):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"The key {key_id} has deletion protection enabled; disable it "
+                         "with SetDeletionProtection before scheduling its deletion.")
+        self.key_id = key_id
+
+
+class InvalidImportToken(KmsError):
+    """The token is unknown, belongs to another key, or does not decrypt the material."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"The ImportToken is invalid: {reason}")
+        self.reason = reason
+
+
+class ExpiredImportToken(KmsError):
+    def __init__(self) -> None:
+        super().__init__("The ImportToken has expired; call GetParametersForImport again.")
+
+
+class InvalidKeyMaterial(KmsError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"The key material is invalid: {reason}")
+        self.reason = reason

@@ -6,8 +6,10 @@ the same strings for most of them, and maps the rest.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 __all__ = [
     "Alias",
@@ -26,6 +28,7 @@ __all__ = [
     "PrincipalKind",
     "ProtectionLevel",
     "Tag",
+    "key_from_record",
 ]
 
 
@@ -156,6 +159,16 @@ class Key:
     storage_mechanism: KeyStorageMechanism | None = None
     # External keys only: the key's id in the external key manager (XKS externalKeyId).
     external_key_id: str | None = None
+    # Automatic rotation: the interval in seconds, None when it is off; and when the
+    # primary version last changed (None: never rotated, the creation date counts).
+    rotation_interval: int | None = None
+    last_rotation: str | None = None
+    # BYOK (Origin EXTERNAL): when the imported material expires (None: never) and a key
+    # check value of it, so that a re-import can be held to the same material after the
+    # material itself was deleted. The check value is 8 bytes of HMAC-SHA256 keyed with the
+    # material (a one-way value, as KCVs are); empty until material is first imported.
+    material_expire: str | None = None
+    material_check: str = ""
 
     @property
     def arn(self) -> str:
@@ -188,3 +201,19 @@ class Alias:
 class Tag:
     key: str
     value: str
+
+
+def key_from_record(raw: Mapping[str, Any]) -> Key:
+    """A ``Key`` from its ``dataclasses.asdict`` form (the store's rows, key backups); fields
+    added since a record was written take their defaults.
+
+    :raises KeyError: :raises TypeError: :raises ValueError: for a malformed record.
+    """
+    fields = dict(raw)
+    storage = fields.get("storage_mechanism")
+    fields.update(kind=KeyKind(fields["kind"]), spec=KeySpec(fields["spec"]),
+                  usage=KeyUsage(fields["usage"]), state=KeyState(fields["state"]),
+                  origin=Origin(fields["origin"]),
+                  protection_level=ProtectionLevel(fields["protection_level"]),
+                  storage_mechanism=KeyStorageMechanism(storage) if storage else None)
+    return Key(**fields)

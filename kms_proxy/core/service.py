@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Generic, TypeVar
+from typing import Final
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,6 +43,7 @@ from kms_proxy.core.errors import (
     Unsupported,
     UnsupportedOperation,
 )
+from kms_proxy.core.lifecycle import KeyLifecycle, format_time
 from kms_proxy.core.model import (
     Alias,
     CallInfo,
@@ -59,13 +60,12 @@ from kms_proxy.core.model import (
     PrincipalKind,
     ProtectionLevel,
 )
+from kms_proxy.core.paging import Page, page
 from kms_proxy.core.states import require_state
 from kms_proxy.store.base import Store, StoreConflict
 from shared.ratelimit import TokenBucket
 
 __all__ = ["CryptoResult", "DataKey", "InstanceView", "KeyService", "Page", "ServiceConfig"]
-
-T = TypeVar("T")
 
 MAX_PLAINTEXT_BYTES: Final = 6 * 1024
 # Service keys are reached by alias/acs/<product> (reserved: users cannot create these).
@@ -87,14 +87,11 @@ class ServiceConfig:
     regions: tuple[str, ...]
     # Account id -> the instance CreateKey uses when DKMSInstanceId is not given.
     default_instances: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
-    items: Sequence[T]
-    page_number: int
-    page_size: int
-    total: int
+    # Accounts with the paid rotation add-on (default and service keys may rotate).
+    rotation_addon: frozenset[str] = frozenset()
+    # Accounts whose default master key waits, at its first enabling, for imported
+    # material (Origin EXTERNAL, PendingImport) instead of KMS-generated material.
+    imported_default_keys: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +117,6 @@ class InstanceView:
     instance: Instance
     key_count: int
     status: str
-
-
-def _now(clock: Callable[[], datetime]) -> str:
-    return clock().strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _page(items: Sequence[T], number: int, size: int) -> Page[T]:
-    start = (number - 1) * size
-    return Page(items=items[start:start + size], page_number=number, page_size=size,
-                total=len(items))
 
 
 # Alibaba's key ids start with a short region code (key-hzz... for cn-hangzhou).
@@ -160,7 +147,8 @@ def _check_tags(tags: Mapping[str, str]) -> None:
 
 
 class KeyService:
-    """Keys, versions, aliases, tags, instances and crypto for one region."""
+    """Keys, versions, aliases, tags, instances and crypto for one region (the lifecycle
+    actions are in ``KeyLifecycle``)."""
 
     def __init__(self, *, store: Store, backends: Mapping[KeyKind, KeyBackend],
                  config: ServiceConfig,
@@ -179,6 +167,7 @@ class KeyService:
         self._instance_backends: dict[str, KeyBackend] = {}
         self._instance_status: dict[str, Callable[[], str]] = {}
         self._service_key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.lifecycle = KeyLifecycle(self)
 
     def attach_instance_backend(self, instance_id: str, backend: KeyBackend,
                                 status: Callable[[], str] | None = None) -> None:
@@ -199,6 +188,10 @@ class KeyService:
     def region(self) -> str:
         return self._config.region
 
+    @property
+    def clock(self) -> Callable[[], datetime]:
+        return self._clock
+
     # -- lookups ---------------------------------------------------------------------
 
     async def _key(self, key_id: str) -> Key | None:
@@ -209,9 +202,11 @@ class KeyService:
                 self._keys[key_id] = key
         return key
 
-    async def _save(self, key: Key) -> Key:
-        await self._store.update_key(key)
+    async def _save(self, key: Key, versions: Sequence[KeyVersion] = ()) -> Key:
+        await self._store.update_key(key, versions)
         self._keys[key.key_id] = key
+        for version in versions:
+            self._versions[version.version_id] = version
         return key
 
     async def _version(self, version_id: str) -> KeyVersion | None:
@@ -248,7 +243,7 @@ class KeyService:
         if key is None or key.account_id != account or key.region != region:
             raise KeyNotFound(key_ref)
         _check_service_key_owner(principal, key)
-        return key
+        return await self.lifecycle.settled(key, key_ref)
 
     @staticmethod
     def _call(principal: Principal, op: Op, key_arn: str) -> CallInfo:
@@ -279,34 +274,40 @@ class KeyService:
     # -- default keys, service keys, migrated keys ---------------------------------------
 
     async def _system_key(self, account_id: str, kind: KeyKind, *, creator: str,
-                          description: str) -> Key:
-        """A KMS-managed AES-256 key (default master key or service key)."""
+                          description: str, imported: bool = False) -> Key:
+        """A KMS-managed AES-256 key (default master key or service key); with
+        ``imported``, one that waits in PendingImport for BYOK material."""
         key_id = str(uuid.uuid4())
         version_id = str(uuid.uuid4())
         arn = f"acs:kms:{self.region}:{account_id}:key/{key_id}"
         system = Principal(account_id=account_id, name="kms", kind=PrincipalKind.SERVICE,
                            product="kms")
-        material = await self._backend(kind, None).generate(
+        material = b"" if imported else await self._backend(kind, None).generate(
             version_id=version_id, spec=KeySpec.AES_256,
             call=self._call(system, Op.CREATE_KEY, arn))
-        created = _now(self._clock)
+        created = format_time(self._clock())
         key = Key(key_id=key_id, account_id=account_id, region=self.region, kind=kind,
                   spec=KeySpec.AES_256, usage=KeyUsage.ENCRYPT_DECRYPT,
-                  state=KeyState.ENABLED, origin=Origin.ALIYUN_KMS,
+                  state=KeyState.PENDING_IMPORT if imported else KeyState.ENABLED,
+                  origin=Origin.EXTERNAL if imported else Origin.ALIYUN_KMS,
                   protection_level=ProtectionLevel.SOFTWARE, instance_id=None,
                   description=description, creator=creator, created=created,
                   primary_version_id=version_id)
-        await self._store.create_key(key, KeyVersion(key_id, version_id, created, material), {})
+        await self._store.create_key(key, [KeyVersion(key_id, version_id, created, material)],
+                                     {})
         return key
 
     async def provision_default_key(self, account_id: str) -> Key:
         """The account's one default master key in this region, created by the system the
-        first time (CreateKey never makes one)."""
+        first time (CreateKey never makes one). An account configured for it gets a key
+        that is first enabled by importing material."""
         for key in await self._store.list_keys(account_id, self.region):
             if key.kind is KeyKind.DEFAULT_MASTER:
                 return key
-        return await self._system_key(account_id, KeyKind.DEFAULT_MASTER,
-                                      creator="Aliyun", description="Default master key")
+        return await self._system_key(
+            account_id, KeyKind.DEFAULT_MASTER, creator="Aliyun",
+            description="Default master key",
+            imported=account_id in self._config.imported_default_keys)
 
     async def _service_key_alias(self, principal: Principal, alias_name: str) -> Alias | None:
         """Create a product's service key the first time that product's service principal
@@ -344,7 +345,8 @@ class KeyService:
                   description=description, creator=account_id, created=created,
                   primary_version_id=version_id)
         try:
-            await self._store.create_key(key, KeyVersion(key_id, version_id, created, b""), {})
+            await self._store.create_key(key, [KeyVersion(key_id, version_id, created, b"")],
+                                         {})
         except StoreConflict:
             raise InvalidParameter("KeyId", f"{key_id} exists already") from None
         return key
@@ -360,7 +362,7 @@ class KeyService:
     async def list_kms_instances(self, principal: Principal, *, page_number: int,
                                  page_size: int) -> Page[Instance]:
         instances = await self._store.list_instances(principal.account_id, self.region)
-        return _page(list(instances), page_number, page_size)
+        return page(list(instances), page_number, page_size)
 
     async def get_kms_instance(self, principal: Principal, instance_id: str) -> InstanceView:
         """:raises InstanceNotFound:"""
@@ -382,8 +384,12 @@ class KeyService:
                          instance_id: str | None, description: str,
                          tags: Mapping[str, str],
                          storage: KeyStorageMechanism | None = None,
-                         external_key_id: str | None = None) -> Key:
+                         external_key_id: str | None = None,
+                         rotation: bool = False, rotation_interval: int | None = None
+                         ) -> Key:
         """Create a user master key in a KMS instance (the default one if none is named).
+        With Origin EXTERNAL the key waits in PendingImport for BYOK material; with
+        ``rotation`` it rotates automatically every ``rotation_interval`` seconds.
 
         :raises InstanceNotFound: :raises UnsupportedOperation: :raises InvalidParameter:
         :raises Unsupported:
@@ -404,8 +410,12 @@ class KeyService:
         if usage not in info.usages:
             raise InvalidParameter("KeyUsage", f"{spec} keys support "
                                    f"{', '.join(sorted(info.usages))}")
-        if origin is not Origin.ALIYUN_KMS and kind is KeyKind.SOFTWARE:
-            raise Unsupported("Origin", "keys in a software instance take only Aliyun_KMS")
+        # The seed lists BYOK for software and hardware keys (the CreateKey API text says
+        # software-instance keys take only Aliyun_KMS; the seed's table decides here).
+        if origin is Origin.EXTERNAL and kind is KeyKind.EXTERNAL:
+            raise Unsupported("Origin", "external (XKI) keys cannot take imported material")
+        if origin is Origin.EXTERNAL and not info.symmetric:
+            raise UnsupportedOperation("importing asymmetric key material is not implemented")
         if len(description) > 8192:
             raise InvalidParameter("Description", "at most 8192 characters")
         _check_tags(tags)
@@ -418,22 +428,31 @@ class KeyService:
                    InvalidParameter("ExternalKeyId", "applies to external keys only"))
         key_id = f"key-{_region_code(self.region)}{secrets.token_hex(10)}"
         version_id = str(uuid.uuid4())
-        arn = f"acs:kms:{self.region}:{principal.account_id}:key/{key_id}"
-        backend = self._backend(kind, instance_id)
-        material = await backend.generate(
-            version_id=version_id, spec=spec, storage=storage,
-            external_key_id=external_key_id, call=self._call(principal, Op.CREATE_KEY, arn))
-        created = _now(self._clock)
+        created = format_time(self._clock())
+        imported = origin is Origin.EXTERNAL
         key = Key(key_id=key_id, account_id=principal.account_id, region=self.region,
-                  kind=kind, spec=spec, usage=usage, state=KeyState.ENABLED, origin=origin,
+                  kind=kind, spec=spec, usage=usage,
+                  state=KeyState.PENDING_IMPORT if imported else KeyState.ENABLED,
+                  origin=origin,
                   protection_level=(ProtectionLevel.HSM if kind is KeyKind.HARDWARE
                                     else ProtectionLevel.SOFTWARE),
                   instance_id=instance_id, description=description,
                   creator=principal.account_id, created=created,
                   primary_version_id=version_id, storage_mechanism=storage,
                   external_key_id=external_key_id)
-        await self._store.create_key(key, KeyVersion(key_id, version_id, created, material),
-                                     tags)
+        if rotation:
+            # Checked before any material exists, so a refusal leaves nothing behind.
+            key = dataclasses.replace(key, rotation_interval=self.lifecycle.check_rotation_interval(
+                key, rotation_interval, principal.kind))
+        elif rotation_interval is not None:
+            raise InvalidParameter("RotationInterval",
+                                   "applies only with EnableAutomaticRotation true")
+        material = b"" if imported else await self._backend(kind, instance_id).generate(
+            version_id=version_id, spec=spec, storage=storage,
+            external_key_id=external_key_id,
+            call=self._call(principal, Op.CREATE_KEY, key.arn))
+        await self._store.create_key(
+            key, [KeyVersion(key_id, version_id, created, material)], tags)
         return key
 
     async def describe_key(self, principal: Principal, key_ref: str) -> Key:
@@ -449,7 +468,7 @@ class KeyService:
         keys = list(await self._store.list_keys(principal.account_id, self.region))
         for name, values in filters:
             keys = [k for k in keys if await self._matches(k, name, set(values))]
-        return _page(keys, page_number, page_size)
+        return page(keys, page_number, page_size)
 
     async def _matches(self, key: Key, name: str, values: set[str]) -> bool:
         simple = {"KeyState": key.state.value, "KeySpec": key.spec.value,
@@ -524,7 +543,7 @@ class KeyService:
                            key_ref: str | None = None) -> Page[Alias]:
         key_id = (await self.resolve(principal, key_ref)).key_id if key_ref else None
         aliases = await self._store.list_aliases(principal.account_id, self.region, key_id)
-        return _page(list(aliases), page_number, page_size)
+        return page(list(aliases), page_number, page_size)
 
     # -- tags ------------------------------------------------------------------------
 
@@ -589,6 +608,10 @@ class KeyService:
         if key.account_id != principal.account_id:
             raise AccessDenied(principal.arn, "decrypt with a key of another account")
         _check_service_key_owner(principal, key)
+        try:
+            key = await self.lifecycle.settled(key, key.key_id)
+        except KeyNotFound:
+            raise InvalidCiphertext() from None
         require(key.kind, op, principal.kind)
         require_state(key.state, op)
         self._throttle(key)

@@ -57,6 +57,21 @@ STATE_RULES: Final[Mapping[Op, Mapping[KeyState, str]]] = MappingProxyType({
     Op.DELETE_ALIAS: _ALWAYS,
     Op.LIST_RESOURCE_TAGS: _ALWAYS,
     Op.CREATE_KEY: _ALWAYS,
+    Op.CREATE_KEY_VERSION: _CRYPTO,
+    Op.UPDATE_ROTATION_POLICY: _CRYPTO,
+    Op.SCHEDULE_KEY_DELETION: _row(pending_deletion=_MODIFY),
+    Op.CANCEL_KEY_DELETION: _row(enabled=_MODIFY, disabled=_MODIFY, pending_import=_MODIFY),
+    # Not in the 2021 table; its API page: "the key must not be PendingDeletion".
+    Op.SET_DELETION_PROTECTION: _row(pending_deletion=_MODIFY),
+    Op.IMPORT_KEY_MATERIAL: _row(pending_deletion=_MODIFY),
+    Op.GET_PARAMETERS_FOR_IMPORT: _ALWAYS,
+    Op.DELETE_KEY_MATERIAL: _ALWAYS,
+    Op.LIST_KEY_VERSIONS: _ALWAYS,
+    Op.DESCRIBE_KEY_VERSION: _ALWAYS,
+    # This project's extensions: a backup is taken of a key in any state but deletion; a
+    # restore makes a key anew, like CreateKey.
+    Op.BACKUP_KEY: _row(pending_deletion="Rejected.PendingDeletion"),
+    Op.RESTORE_KEY_BACKUP: _ALWAYS,
 })
 
 

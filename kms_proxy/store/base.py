@@ -25,15 +25,30 @@ class Store(Protocol):
 
     async def list_instances(self, account_id: str, region: str) -> Sequence[Instance]: ...
 
-    async def create_key(self, key: Key, version: KeyVersion,
+    async def create_key(self, key: Key, versions: Sequence[KeyVersion],
                          tags: Mapping[str, str]) -> None:
-        """Insert a key with its first version and tags. :raises StoreConflict:"""
+        """Insert a key with its versions (the first one at least) and tags.
+
+        :raises StoreConflict:"""
         ...
 
     async def get_key(self, key_id: str) -> Key | None: ...
 
-    async def update_key(self, key: Key) -> None:
-        """Replace a key's metadata (its id, account and region do not change)."""
+    async def update_key(self, key: Key, versions: Sequence[KeyVersion] = ()) -> None:
+        """Replace a key's metadata (its id, account and region do not change) and insert or
+        replace ``versions`` of it, in one transaction."""
+        ...
+
+    async def delete_key(self, key_id: str) -> None:
+        """Remove a key with its versions, aliases and tags (deletion at the window's end)."""
+        ...
+
+    async def all_keys(self) -> Sequence[Key]:
+        """Every key of every account and region (the lifecycle sweep reads them)."""
+        ...
+
+    async def list_versions(self, key_id: str) -> Sequence[KeyVersion]:
+        """A key's versions, oldest first."""
         ...
 
     async def list_keys(self, account_id: str, region: str) -> Sequence[Key]: ...

@@ -20,14 +20,8 @@ from kms_proxy.core.model import (
     Instance,
     InstanceType,
     Key,
-    KeyKind,
-    KeySpec,
-    KeyState,
-    KeyStorageMechanism,
-    KeyUsage,
     KeyVersion,
-    Origin,
-    ProtectionLevel,
+    key_from_record,
 )
 from kms_proxy.store.base import StoreConflict
 
@@ -60,14 +54,7 @@ def _key_json(key: Key) -> str:
 
 
 def _key(data: str) -> Key:
-    raw: dict[str, Any] = json.loads(data)
-    raw.update(kind=KeyKind(raw["kind"]), spec=KeySpec(raw["spec"]),
-               usage=KeyUsage(raw["usage"]), state=KeyState(raw["state"]),
-               origin=Origin(raw["origin"]),
-               protection_level=ProtectionLevel(raw["protection_level"]),
-               storage_mechanism=(KeyStorageMechanism(raw["storage_mechanism"])
-                                  if raw.get("storage_mechanism") else None))
-    return Key(**raw)
+    return key_from_record(json.loads(data))
 
 
 def _instance(data: str) -> Instance:
@@ -146,13 +133,13 @@ class SQLiteStore:
 
     # -- keys --------------------------------------------------------------------------
 
-    async def create_key(self, key: Key, version: KeyVersion,
+    async def create_key(self, key: Key, versions: Sequence[KeyVersion],
                          tags: Mapping[str, str]) -> None:
         self._write([
             ("INSERT INTO keys VALUES (?, ?, ?, ?)",
              (key.key_id, key.account_id, key.region, _key_json(key))),
-            ("INSERT INTO key_versions VALUES (?, ?, ?, ?)",
-             (version.version_id, version.key_id, version.created, version.material)),
+            *[("INSERT INTO key_versions VALUES (?, ?, ?, ?)",
+               (v.version_id, v.key_id, v.created, v.material)) for v in versions],
             *[("INSERT INTO tags VALUES (?, ?, ?)", (key.key_id, k, v))
               for k, v in tags.items()],
         ])
@@ -161,9 +148,26 @@ class SQLiteStore:
         row = self.db.execute("SELECT data FROM keys WHERE key_id = ?", (key_id,)).fetchone()
         return _key(row[0]) if row else None
 
-    async def update_key(self, key: Key) -> None:
-        self._write([("UPDATE keys SET data = ? WHERE key_id = ?",
-                      (_key_json(key), key.key_id))])
+    async def update_key(self, key: Key, versions: Sequence[KeyVersion] = ()) -> None:
+        self._write([
+            ("UPDATE keys SET data = ? WHERE key_id = ?", (_key_json(key), key.key_id)),
+            *[("INSERT OR REPLACE INTO key_versions VALUES (?, ?, ?, ?)",
+               (v.version_id, v.key_id, v.created, v.material)) for v in versions],
+        ])
+
+    async def delete_key(self, key_id: str) -> None:
+        self._write([(sql, (key_id,)) for sql in (
+            "DELETE FROM aliases WHERE key_id = ?", "DELETE FROM tags WHERE key_id = ?",
+            "DELETE FROM key_versions WHERE key_id = ?", "DELETE FROM keys WHERE key_id = ?")])
+
+    async def all_keys(self) -> Sequence[Key]:
+        return [_key(r[0]) for r in self.db.execute("SELECT data FROM keys ORDER BY rowid")]
+
+    async def list_versions(self, key_id: str) -> Sequence[KeyVersion]:
+        rows = self.db.execute(
+            "SELECT key_id, version_id, created, material FROM key_versions "
+            "WHERE key_id = ? ORDER BY rowid", (key_id,)).fetchall()
+        return [KeyVersion(r[0], r[1], r[2], bytes(r[3])) for r in rows]
 
     async def list_keys(self, account_id: str, region: str) -> Sequence[Key]:
         rows = self.db.execute(

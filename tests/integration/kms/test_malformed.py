@@ -197,8 +197,10 @@ CASES: dict[str, Case] = {
     "keyusage-bad": Case("CreateKey", lambda w: {"KeyUsage": "WRAP"}, 400, IP, "KeyUsage"),
     "keyusage-wrong-for-spec": Case("CreateKey", lambda w: {"KeyUsage": "SIGN/VERIFY"}, 400,
                                     IP, "KeyUsage"),
-    "origin-external-software": Case("CreateKey", lambda w: {"Origin": "EXTERNAL"}, 400,
-                                     "Unsupported.Origin"),
+    # BYOK of asymmetric material is not implemented (symmetric BYOK is).
+    "origin-external-asymmetric": Case("CreateKey", lambda w: {"Origin": "EXTERNAL",
+                                                               "KeySpec": "RSA_2048"},
+                                       400, "Rejected.UnsupportedOperation"),
     "spec-sm2": Case("CreateKey", lambda w: {"KeySpec": "EC_SM2"}, 400,
                      "Rejected.UnsupportedOperation"),
     "instance-unknown": Case("CreateKey", lambda w: {"DKMSInstanceId": "kst-hzznotthere0001"},

@@ -78,7 +78,7 @@ def test_direct_calls_versus_server_side_encryption(kind: KeyKind, op: Op) -> No
 def test_migrated_keys_allow_only_reads() -> None:
     for op in Op:
         if op in (Op.DESCRIBE_KEY, Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID,
-                  Op.LIST_RESOURCE_TAGS):
+                  Op.LIST_RESOURCE_TAGS, Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION):
             require(KeyKind.MIGRATED, op, PrincipalKind.USER)
         elif op not in (Op.CREATE_KEY, Op.LIST_KMS_INSTANCES, Op.GET_KMS_INSTANCE,
                         Op.DESCRIBE_REGIONS):
@@ -99,7 +99,16 @@ REFERENCE_STATES = {
     Op.DESCRIBE_KEY: (None, None, None), Op.LIST_KEYS: (None, None, None),
     Op.LIST_ALIASES: (None, None, None), Op.DELETE_ALIAS: (None, None, None),
     Op.LIST_RESOURCE_TAGS: (None, None, None), Op.CREATE_KEY: (None, None, None),
+    Op.CREATE_KEY_VERSION: ("D", "P", "I"), Op.UPDATE_ROTATION_POLICY: ("D", "P", "I"),
+    Op.SCHEDULE_KEY_DELETION: (None, "M", None),
+    Op.CANCEL_KEY_DELETION: ("M", None, "M"),  # and "M" when Enabled (below)
+    Op.IMPORT_KEY_MATERIAL: (None, "M", None),
+    Op.LIST_KEY_VERSIONS: (None, None, None), Op.DESCRIBE_KEY_VERSION: (None, None, None),
+    Op.GET_PARAMETERS_FOR_IMPORT: (None, None, None),
+    Op.DELETE_KEY_MATERIAL: (None, None, None),
 }
+# The one row whose Enabled column is not OK.
+ENABLED_REJECTS = {Op.CANCEL_KEY_DELETION: "M"}
 STATE_CELLS = [(op, state, codes[i]) for op, codes in REFERENCE_STATES.items()
                for i, state in enumerate((KeyState.DISABLED, KeyState.PENDING_DELETION,
                                           KeyState.PENDING_IMPORT))]
@@ -108,7 +117,12 @@ STATE_CELLS = [(op, state, codes[i]) for op, codes in REFERENCE_STATES.items()
 @pytest.mark.parametrize(("op", "state", "code"), STATE_CELLS,
                          ids=[f"{o.value}-{s.value}" for o, s, _ in STATE_CELLS])
 def test_every_cell_of_the_state_table(op: Op, state: KeyState, code: str | None) -> None:
-    require_state(KeyState.ENABLED, op)  # the Enabled column is all OK
+    if op in ENABLED_REJECTS:
+        with pytest.raises(KeyStateInvalid) as rejected:
+            require_state(KeyState.ENABLED, op)
+        assert rejected.value.code == _R[ENABLED_REJECTS[op]]
+    else:
+        require_state(KeyState.ENABLED, op)
     if code is None:
         require_state(state, op)
     else:
