@@ -2,12 +2,14 @@
 
 It starts the EKM simulator (``ekm-sim dev up`` in ``WORKDIR/ekm``) and the front, with dev
 certificates, a root key and an audit chain key kept apart from the database, demo access
-keys for two accounts, and a software key management instance per account. It writes
+keys for three accounts, and a software, a hardware and an external key management instance
+per account. It writes
 ``WORKDIR/stack.json``; its fields are a stable interface:
 ``region, account_id, kms{endpoint, protocol, ca}, access_keys[{id, secret, account_id}],
-instances{software, hardware, external}, keys{software, hardware, external, default,
-service, migrated}, ekm{<ekm.json>}`` plus ``pid``, ``config``, ``log``,
-``instances_by_account`` and ``token_issuer``.
+accounts[{id, rotation_addon, default_key_material}], instances{software, hardware,
+external}, keys{software, hardware, external, default, service, migrated}, ekm{<ekm.json>}``
+plus ``pid``, ``config``, ``log``, ``instances_by_account`` and ``token_issuer``. The second
+account has the rotation add-on; the third's default key waits for imported material.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ from shared.softhsm import init_token, write_softhsm_conf
 __all__ = ["down", "token", "up"]
 
 REGION: Final = "cn-hangzhou"
-ACCOUNTS: Final = ("1234567890123456", "9876543210987654")
+ACCOUNTS: Final = ("1234567890123456", "9876543210987654", "5555666677778888")
+# The second and third accounts show the seed's conditional cells: the second has the paid
+# rotation add-on (its default and service keys may rotate); the third's default master key
+# is first enabled by importing material (BYOK) rather than with KMS-generated material.
+ACCOUNT_FEATURES: Final = {
+    ACCOUNTS[0]: {"rotation_addon": False, "default_key_material": "kms"},
+    ACCOUNTS[1]: {"rotation_addon": True, "default_key_material": "kms"},
+    ACCOUNTS[2]: {"rotation_addon": False, "default_key_material": "import"},
+}
 _ALNUM: Final = string.ascii_letters + string.digits
 
 
@@ -103,7 +113,10 @@ def _config(workdir: Path, certs: dict[str, Path], ekm: dict[str, Any]
                            for kind in ("software", "hardware", "external")}
                  for account in ACCOUNTS}
     accounts = "\n".join(
-        f'[[accounts]]\nid = "{account}"\n' + "".join(
+        f'[[accounts]]\nid = "{account}"\n'
+        f'rotation_addon = {str(ACCOUNT_FEATURES[account]["rotation_addon"]).lower()}\n'
+        f'default_key_material = "{ACCOUNT_FEATURES[account]["default_key_material"]}"\n'
+        + "".join(
             f'[[accounts.access_keys]]\nid = "{k["id"]}"\nsecret = "{k["secret"]}"\n'
             f'user = "dev{n}"\n' for n, k in enumerate(keys) if k["account_id"] == account)
         for account in ACCOUNTS)
@@ -208,6 +221,7 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
         "kms": {"endpoint": f"127.0.0.1:{port}", "protocol": "https",
                 "ca": str(ca.cert_path)},
         "access_keys": saved["access_keys"],
+        "accounts": [{"id": account, **ACCOUNT_FEATURES[account]} for account in ACCOUNTS],
         "instances": saved["instances"][ACCOUNTS[0]],
         "instances_by_account": saved["instances"],
         "token_issuer": {"issuer": ISSUER, "audience": AUDIENCE},

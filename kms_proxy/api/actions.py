@@ -212,8 +212,13 @@ async def cancel_key_deletion(c: Call) -> dict[str, Any]:
 
 async def set_deletion_protection(c: Call) -> dict[str, Any]:
     p = c.params
+    # The current SDK sends KeyId (and KmsInstanceId) beside, or instead of, the ARN.
+    target = p.optional_text("ProtectedResourceArn", max_len=512) or p.optional_text("KeyId")
+    if target is None:
+        p.text("ProtectedResourceArn")  # raises MissingParameter
+    assert target is not None
     await c.service.lifecycle.set_deletion_protection(
-        c.principal, p.text("ProtectedResourceArn", max_len=512),
+        c.principal, target,
         enabled=p.required_boolean("EnableDeletionProtection"),
         description=p.get("DeletionProtectionDescription") or "")
     return {}
@@ -519,7 +524,7 @@ ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "CancelKeyDeletion": Action(cancel_key_deletion, ("KeyId",)),
     "SetDeletionProtection": Action(set_deletion_protection,
                                     ("ProtectedResourceArn", "EnableDeletionProtection"),
-                                    ("DeletionProtectionDescription",)),
+                                    ("DeletionProtectionDescription", "KeyId")),
     "GetParametersForImport": Action(get_parameters_for_import,
                                      ("KeyId", "WrappingKeySpec", "WrappingAlgorithm")),
     "ImportKeyMaterial": Action(import_key_material,

@@ -257,6 +257,12 @@ def required_capability(op: Op, principal: PrincipalKind) -> Capability | None:
     return _OP_CAPABILITY.get(op)
 
 
+def _a_key(kind: KeyKind) -> str:
+    """"a software key", "an external key" (for messages)."""
+    label = kind.value.replace("_", " ")
+    return f"{'an' if label[0] in 'aeiou' else 'a'} {label} key"
+
+
 def require(kind: KeyKind, op: Op, principal: PrincipalKind) -> None:
     """Refuse ``op`` if the seed's tables say a ``kind`` key cannot do it.
 
@@ -266,8 +272,7 @@ def require(kind: KeyKind, op: Op, principal: PrincipalKind) -> None:
         raise UnsupportedOperation(f"keys migrated from KMS 1.0 are read-only ({op})")
     needed = required_capability(op, principal)
     if needed is not None and needed not in KIND_CAPABILITIES[kind]:
-        label = kind.value.replace("_", " ")
-        raise UnsupportedOperation(f"a {label} key does not support {needed} ({op})")
+        raise UnsupportedOperation(f"{_a_key(kind)} does not support {needed} ({op})")
 
 
 _DAY: Final = 86_400
@@ -308,16 +313,15 @@ def require_rotation(key: Key, op: Op, principal: PrincipalKind, *, addon: bool
     """
     require(key.kind, op, principal)
     rule = ROTATION_RULES[key.kind]
-    label = key.kind.value.replace("_", " ")
     if not SPECS[key.spec].symmetric:
         raise UnsupportedOperation(f"asymmetric keys do not rotate ({op})")
     if key.origin is not Origin.ALIYUN_KMS:
         raise UnsupportedOperation(f"keys with imported material do not rotate ({op})")
     if rule.storage is not None and key.storage_mechanism is not rule.storage:
-        raise UnsupportedOperation(f"a {label} key rotates only with KeyStorageMechanism "
+        raise UnsupportedOperation(f"{_a_key(key.kind)} rotates only with KeyStorageMechanism "
                                    f"{rule.storage} ({op})")
     if rule.needs_addon and not addon:
-        raise UnsupportedOperation(f"rotating a {label} key needs the paid rotation add-on, "
+        raise UnsupportedOperation(f"rotating {_a_key(key.kind)} needs the paid rotation add-on, "
                                    f"which this account does not have ({op})")
     return rule
 
