@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import ssl
 import sys
 import urllib.error
@@ -20,6 +21,9 @@ from alibabacloud_kms20160120 import models as m
 from alibabacloud_kms20160120.client import Client
 from alibabacloud_tea_openapi import models as open_api
 from alibabacloud_tea_openapi.models import Config
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 from darabonba.runtime import RuntimeOptions
 
 from kms_proxy import devstack
@@ -33,6 +37,14 @@ def client(stack: dict[str, Any], index: int = 0, *, v2: bool = False) -> Client
     if v2:
         config.signature_algorithm = "v2"
     return Client(config)
+
+
+def params_for(action: str) -> open_api.Params:
+    """For the SDK's generic call_api: an action it has no method for, or a parameter it
+    does not send (ExternalKeyId, this project's extension)."""
+    return open_api.Params(action=action, version="2016-01-20", protocol="HTTPS",
+                           pathname="/", method="POST", auth_type="AK", style="RPC",
+                           req_body_type="formData", body_type="json")
 
 
 def attempt(step: str, call: Callable[[], Any]) -> Any:
@@ -127,10 +139,7 @@ def main() -> int:
     print("\nExternal key management instance "
           f"{stack['instances']['external']}: keys in the EKM, reached over XKI "
           "(XKS API, mTLS + SigV4)")
-    params = open_api.Params(action="CreateKey", version="2016-01-20", protocol="HTTPS",
-                             pathname="/", method="POST", auth_type="AK", style="RPC",
-                             req_body_type="formData", body_type="json")
-    external = kms.call_api(params, open_api.OpenApiRequest(query={
+    external = kms.call_api(params_for("CreateKey"), open_api.OpenApiRequest(query={
         "DKMSInstanceId": stack["instances"]["external"],
         "ExternalKeyId": stack["ekm"]["keys"]["default"]}), RuntimeOptions()
     )["body"]["KeyMetadata"]["KeyId"]
@@ -157,7 +166,60 @@ def main() -> int:
     print(f"  {'oss Encrypt with alias/acs/oss (service key made on first use)':<62} -> "
           f"{code} KeyId {body.get('KeyId')}")
 
+    print("\nKey lifecycle")
+    version = kms.create_key_version(m.CreateKeyVersionRequest(key_id=key.key_id)).body
+    first = kms.decrypt(m.DecryptRequest(ciphertext_blob=sealed.ciphertext_blob,
+                                         encryption_context=context)).body.plaintext
+    print(f"  CreateKeyVersion -> new primary version "
+          f"{version.key_version.key_version_id[:8]}...; the first blob still decrypts -> "
+          f"{first!r}")
+    kms.update_rotation_policy(m.UpdateRotationPolicyRequest(
+        key_id=key.key_id, enable_automatic_rotation=True, rotation_interval="30d"))
+    described = kms.describe_key(m.DescribeKeyRequest(key_id=key.key_id)).body.key_metadata
+    print(f"  UpdateRotationPolicy 30d -> AutomaticRotation {described.automatic_rotation}, "
+          f"next {described.next_rotation_date}")
+    byok = kms.create_key(m.CreateKeyRequest(origin="EXTERNAL")).body.key_metadata
+    parameters = kms.get_parameters_for_import(m.GetParametersForImportRequest(
+        key_id=byok.key_id, wrapping_key_spec="RSA_2048",
+        wrapping_algorithm="RSAES_OAEP_SHA_256")).body
+    wrapping = serialization.load_der_public_key(base64.b64decode(parameters.public_key))
+    assert isinstance(wrapping, rsa_keys.RSAPublicKey)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(),
+                        label=None)
+    kms.import_key_material(m.ImportKeyMaterialRequest(
+        key_id=byok.key_id, import_token=parameters.import_token,
+        encrypted_key_material=base64.b64encode(
+            wrapping.encrypt(os.urandom(32), oaep)).decode()))
+    state = kms.describe_key(m.DescribeKeyRequest(key_id=byok.key_id)).body.key_metadata
+    print(f"  BYOK: CreateKey Origin=EXTERNAL ({byok.key_state}) -> GetParametersForImport "
+          f"-> ImportKeyMaterial -> {state.key_state}")
+    kms.set_deletion_protection(m.SetDeletionProtectionRequest(
+        protected_resource_arn=key.arn, enable_deletion_protection=True,
+        deletion_protection_description="demo"))
+    attempt("ScheduleKeyDeletion of a key with deletion protection",
+            lambda: kms.schedule_key_deletion(m.ScheduleKeyDeletionRequest(
+                key_id=key.key_id, pending_window_in_days=7)))
+    kms.schedule_key_deletion(m.ScheduleKeyDeletionRequest(key_id=byok.key_id,
+                                                           pending_window_in_days=7))
+    pending = kms.describe_key(m.DescribeKeyRequest(key_id=byok.key_id)).body.key_metadata
+    print(f"  ScheduleKeyDeletion (7 days) of the BYOK key -> {pending.key_state} until "
+          f"{pending.delete_date}; CancelKeyDeletion undoes it")
+    kms.cancel_key_deletion(m.CancelKeyDeletionRequest(key_id=byok.key_id))
+    backup = kms.call_api(params_for("BackupKey"), open_api.OpenApiRequest(
+        query={"KeyId": key.key_id}), RuntimeOptions())["body"]["KeyBackup"]
+    print(f"  BackupKey (this project's extension) -> {len(backup)} Base64 chars, sealed by "
+          "the root key")
+
     print("\nRefusals, with Alibaba's error codes")
+    attempt("Rotate an external key (the EKM rotates it)",
+            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=external)))
+    attempt("Rotate an HsmInternal hardware key",
+            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=hardware.key_id)))
+    attempt("Rotate the default master key without the paid add-on",
+            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=default)))
+    attempt("Back up a hardware key (software keys only)",
+            lambda: kms.call_api(params_for("BackupKey"), open_api.OpenApiRequest(
+                query={"KeyId": hardware.key_id}), RuntimeOptions()))
     attempt("An application Encrypts with the default master key",
             lambda: kms.encrypt(m.EncryptRequest(key_id=default, plaintext="x")))
     attempt("An application Encrypts with oss's service key",
