@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from shared.pkcs11pool import DispatchMode, PoolConfig
+from shared.serving import EVENT_LOOPS
 from shared.sigv4 import ACCESS_KEY_ID_PATTERN, SECRET_PATTERN, Credential
 from shared.tomlconfig import ConfigError, TableReader, read_toml
 from shared.xks import MAX_AAD_BYTES, MIN_AAD_BYTES, MIN_PLAINTEXT_BYTES
@@ -52,6 +53,8 @@ class ServerConfig:
     request_log: str = "-"
     # A separate plain-HTTP listener answering GET /ping for load balancers (spec L718).
     ping_port: int | None = None
+    # The event loop (shared.serving.EVENT_LOOPS).
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +149,10 @@ def _server(r: TableReader) -> ServerConfig:
     request_log = r.get("request_log", str, "-")
     if request_log not in ("-", "off"):
         request_log = str(r.path("request_log"))
+    event_loop = r.get("event_loop", str, "uvloop")
+    r.check(event_loop in EVENT_LOOPS, "event_loop", f"must be one of {EVENT_LOOPS}")
     return ServerConfig(host=r.get("host", str, "127.0.0.1"), port=port, workers=workers,
-                        request_log=request_log, ping_port=ping)
+                        request_log=request_log, ping_port=ping, event_loop=event_loop)
 
 
 def _tls(r: TableReader) -> TLSConfig:

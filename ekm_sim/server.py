@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from ekm_sim.app import create_app, ping, reload_credentials
 from ekm_sim.config import Config, ConfigError, load
-from shared.serving import configure_logging, serve_app
+from shared.serving import configure_logging, run_loop, serve_app
 from shared.tls import server_context
 
 __all__ = ["serve"]
@@ -73,7 +72,8 @@ def serve(config: Config, *, config_path: Path, port_file: Path | None = None,
     """
     configure_logging("ekm_sim.requests", config.server.request_log, line_format="%(message)s")
     if worker_port is not None:
-        asyncio.run(_run(config, config_path, worker_port, None, []))
+        run_loop(_run(config, config_path, worker_port, None, []),
+                 event_loop=config.server.event_loop)
         return
     reserved = _reserve_port(config.server.host, config.server.port)
     port = reserved.getsockname()[1]
@@ -83,7 +83,8 @@ def serve(config: Config, *, config_path: Path, port_file: Path | None = None,
         for _ in range(config.server.workers - 1)
     ]
     try:
-        asyncio.run(_run(config, config_path, port, port_file, children))
+        run_loop(_run(config, config_path, port, port_file, children),
+                 event_loop=config.server.event_loop)
     finally:
         reserved.close()
         for child in children:

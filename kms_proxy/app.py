@@ -37,6 +37,7 @@ from kms_proxy.backends.xks_client import XKSClient, XKSConnection
 from kms_proxy.config import Config, HSMTokenConfig, XKIConfig
 from kms_proxy.core.audit import AuditEvent, AuditLog, Outcome
 from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
+from kms_proxy.core.capabilities import Op, require_principal
 from kms_proxy.core.errors import KmsError
 from kms_proxy.core.model import Instance, KeyKind, Principal, PrincipalKind
 from kms_proxy.core.service import KeyService, ServiceConfig
@@ -209,6 +210,7 @@ async def rpc(request: web.Request) -> web.Response:
     outcome, result = Outcome.FAILURE, {}
     error_code: str | None = "InternalFailure"
     try:
+        require_principal(Op(action), principal.kind, principal.arn)
         result = await spec.handler(Call(request.app[SERVICE], principal, Params(params)))
         outcome, error_code = Outcome.SUCCESS, None
     except KmsError as exc:

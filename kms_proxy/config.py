@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from kms_proxy.core.model import InstanceType
+from shared.serving import EVENT_LOOPS
 from shared.tomlconfig import ConfigError, TableReader, read_toml
 
 __all__ = ["AccessKeyConfig", "AccountConfig", "Config", "ConfigError", "HSMTokenConfig",
@@ -40,6 +41,8 @@ class ServerConfig:
     require_client_cert: bool = False
     # One line per request (no secrets): "-" stderr, "off", or a file.
     access_log: str = "off"
+    # The event loop (shared.serving.EVENT_LOOPS).
+    event_loop: str = "uvloop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +213,9 @@ def _server(r: TableReader) -> ServerConfig:
                           cert=r.path("cert", required=tls), key=r.path("key", required=tls),
                           client_ca=r.path("client_ca"),
                           require_client_cert=r.get("require_client_cert", bool, False),
-                          access_log=r.get("access_log", str, "off"))
+                          access_log=r.get("access_log", str, "off"),
+                          event_loop=r.get("event_loop", str, "uvloop"))
+    r.check(server.event_loop in EVENT_LOOPS, "event_loop", f"must be one of {EVENT_LOOPS}")
     r.check(not server.require_client_cert or server.client_ca is not None, "client_ca",
             "is required when require_client_cert is true")
     return server

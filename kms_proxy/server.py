@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from kms_proxy.app import create_app
 from kms_proxy.config import Config
-from shared.serving import configure_logging, serve_app
+from shared.serving import configure_logging, run_loop, serve_app
 from shared.tls import server_context
 
 __all__ = ["serve"]
@@ -23,6 +22,6 @@ def serve(config: Config, *, port_file: Path | None = None) -> None:
         ssl_ctx = server_context(cert=config.server.cert, key=config.server.key,
                                  client_ca=config.server.client_ca,
                                  require_client_cert=config.server.require_client_cert)
-    asyncio.run(serve_app(create_app(config), name="kms-proxy", host=config.server.host,
-                          port=config.server.port, ssl_context=ssl_ctx,
-                          port_file=port_file))
+    run_loop(serve_app(create_app(config), name="kms-proxy", host=config.server.host,
+                       port=config.server.port, ssl_context=ssl_ctx, port_file=port_file),
+             event_loop=config.server.event_loop)

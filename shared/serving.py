@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["BackgroundError", "configure_logging", "serve_app", "start_background",
+__all__ = ["EVENT_LOOPS", "BackgroundError", "configure_logging", "run_loop", "serve_app",
+           "start_background",
            "stop_process", "write_atomically"]
 
 log = logging.getLogger("shared.serving")
@@ -49,6 +50,21 @@ def write_atomically(path: Path, text: str, *, mode: int = 0o644) -> None:
     tmp.write_text(text)
     tmp.chmod(mode)
     tmp.replace(path)
+
+
+# The event loops a server can run on: "uvloop" (libuv, with its own TLS transport) or
+# Python's own "asyncio". BENCHMARKS.md has the figures that chose the default.
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def run_loop(main: Coroutine[object, object, None], *, event_loop: str) -> None:
+    """Run ``main`` to completion on a new event loop of the kind named."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 async def serve_app(app: web.Application, *, name: str, host: str, port: int,

@@ -321,7 +321,10 @@ class HSMBackend:
         session. Runs on a pool session."""
         keys = self._session_keys(ctx)
         if keys.stale:
+            # Every handle this session holds is suspect (an object was destroyed or went
+            # stale): the pool's found-key handles as well as our own copies.
             keys.reset()
+            ctx.forget_keys()
         cached = keys.get((version_id, role))
         if cached is not None:
             return cached

@@ -13,7 +13,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
-from kms_proxy.core.errors import Unsupported, UnsupportedOperation
+from kms_proxy.core.errors import AccessDenied, Unsupported, UnsupportedOperation
 from kms_proxy.core.model import (
     InstanceType,
     Key,
@@ -37,6 +37,7 @@ __all__ = [
     "SpecInfo",
     "require",
     "require_import",
+    "require_principal",
     "require_rotation",
     "required_capability",
     "spec_info",
@@ -245,6 +246,20 @@ _READ_OPS: Final = frozenset({
     Op.DESCRIBE_KEY, Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID,
     Op.LIST_RESOURCE_TAGS, Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION,
 })
+
+
+# What a cloud service (a JWT service principal) may call for the account it acts for: the
+# crypto of server-side encryption and reads. Managing keys (creating, rotating, deleting,
+# importing, backing up) is the account's users' business.
+_SERVICE_PRINCIPAL_OPS: Final = _SSE_OPS | _READ_OPS | {
+    Op.GET_KMS_INSTANCE, Op.LIST_KMS_INSTANCES, Op.DESCRIBE_REGIONS}
+
+
+def require_principal(op: Op, principal: PrincipalKind, arn: str) -> None:
+    """:raises AccessDenied: if a service principal calls an action outside its role."""
+    if principal is PrincipalKind.SERVICE and op not in _SERVICE_PRINCIPAL_OPS:
+        raise AccessDenied(arn, op.value, "a cloud service may only use keys for "
+                                          "server-side encryption and read their metadata")
 
 
 def required_capability(op: Op, principal: PrincipalKind) -> Capability | None:

@@ -234,6 +234,11 @@ class KeyLifecycle:
         require_import(key, Op.IMPORT_KEY_MATERIAL, principal.kind)
         require_state(key.state, Op.IMPORT_KEY_MATERIAL)
         expire = None
+        if expire_unix and key.kind is KeyKind.DEFAULT_MASTER:
+            # Its material is taken only once, at its first enabling: material that expired
+            # could never come back, and neither could the data encrypted under it.
+            raise InvalidParameter("KeyMaterialExpireUnix",
+                                   "a default master key's material does not expire")
         if expire_unix:
             moment = datetime.fromtimestamp(expire_unix, UTC)
             if moment <= self._s.clock():

@@ -103,6 +103,13 @@ def test_the_whole_taxonomy(stack: dict[str, Any], sdk: Client) -> None:
         key_id="alias/acs/oss", plaintext="x"))) == (400, "Rejected.UnsupportedOperation")
     assert refused(lambda: sdk.update_key_description(m.UpdateKeyDescriptionRequest(
         key_id=service_key, description="mine now"))) == (400, "Rejected.UnsupportedOperation")
+    # A cloud service uses keys for server-side encryption; it does not manage them.
+    for action, params in (("ScheduleKeyDeletion", {"PendingWindowInDays": "7"}),
+                           ("CreateKeyVersion", {}), ("DisableKey", {})):
+        status, body = oss.call(action, KeyId=software.key_id, **params)
+        assert (status, body["Code"]) == (403, "Forbidden.NoPermission"), action
+    assert sdk.describe_key(m.DescribeKeyRequest(key_id=software.key_id)).body \
+        .key_metadata.key_state == "Enabled"
     # Another product cannot reach oss's service key.
     status, body = ServiceClient(stack, "rds").call("Encrypt", KeyId="alias/acs/oss",
                                                     Plaintext="x")

@@ -11,8 +11,9 @@ from kms_proxy.core.capabilities import (
     Capability,
     Op,
     require,
+    require_principal,
 )
-from kms_proxy.core.errors import KeyStateInvalid, UnsupportedOperation
+from kms_proxy.core.errors import AccessDenied, KeyStateInvalid, UnsupportedOperation
 from kms_proxy.core.model import KeyKind, KeySpec, KeyState, KeyUsage, PrincipalKind
 from kms_proxy.core.states import STATE_RULES, require_state
 
@@ -146,3 +147,20 @@ def test_spec_table() -> None:
     assert SPECS[KeySpec.RSA_3072].encrypt_algorithms == {"RSAES_OAEP_SHA_256": 318,
                                                           "RSAES_OAEP_SHA_1": 342}
     assert SPECS[KeySpec.EC_SM2].unsupported_reason
+
+
+SERVICE_MAY = {Op.ENCRYPT, Op.DECRYPT, Op.GENERATE_DATA_KEY,
+               Op.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT, Op.RE_ENCRYPT, Op.DESCRIBE_KEY,
+               Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID, Op.LIST_RESOURCE_TAGS,
+               Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION, Op.GET_KMS_INSTANCE,
+               Op.LIST_KMS_INSTANCES, Op.DESCRIBE_REGIONS}
+
+
+@pytest.mark.parametrize("op", list(Op), ids=[o.value for o in Op])
+def test_a_service_principal_only_encrypts_for_the_account_and_reads(op: Op) -> None:
+    require_principal(op, PrincipalKind.USER, "acs:ram::1:user/u")
+    if op in SERVICE_MAY:
+        require_principal(op, PrincipalKind.SERVICE, "acs:ram::1:service/oss")
+    else:
+        with pytest.raises(AccessDenied):
+            require_principal(op, PrincipalKind.SERVICE, "acs:ram::1:service/oss")

@@ -1,0 +1,962 @@
+"""The lifecycle core on real parts: automatic rotation, the deletion window, BYOK import and
+material expiry, the default master key's "import only when first enabled", key backups,
+and the sweep that carries out what time decides.
+
+Everything is real (SQLite in tmp_path, the software backend, the HSM backend on a SoftHSM2
+token, RSA-OAEP wrapping with ``cryptography``); only the clock belongs to the test, and it
+moves time forward.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pkcs11 import Attribute, ObjectClass
+from pkcs11 import exceptions as p11e
+
+from ekm_sim.config import HSMConfig
+from kms_proxy.api.actions import key_metadata
+from kms_proxy.backends.base import KeyBackend
+from kms_proxy.backends.hsm import HSMBackend
+from kms_proxy.backends.software import SoftwareBackend
+from kms_proxy.core.byok import key_check_value
+from kms_proxy.core.errors import (
+    AccessDenied,
+    AliasNotFound,
+    DeletionProtected,
+    ExpiredImportToken,
+    InvalidCiphertext,
+    InvalidKeyMaterial,
+    InvalidParameter,
+    KeyNotFound,
+    KeyStateInvalid,
+    Unsupported,
+    UnsupportedOperation,
+)
+from kms_proxy.core.lifecycle import SweepEvent, format_time, next_rotation
+from kms_proxy.core.model import (
+    Instance,
+    InstanceType,
+    Key,
+    KeyKind,
+    KeySpec,
+    KeyState,
+    KeyStorageMechanism,
+    Origin,
+    Principal,
+    PrincipalKind,
+    ProtectionLevel,
+)
+from kms_proxy.core.service import KeyService, ServiceConfig
+from kms_proxy.store.sqlite import SQLiteStore
+from shared.pkcs11pool import PKCS11Pool, SessionContext
+
+ACCOUNT = "1234567890123456"
+REGION = "cn-hangzhou"
+USER = Principal(ACCOUNT, "alice")
+OSS = Principal(ACCOUNT, "oss", PrincipalKind.SERVICE, "oss")
+SOFTWARE_INSTANCE = "kst-hzz-software"
+HARDWARE_INSTANCE = "kst-hzz-hardware"
+WRAP_LABEL = "kms-proxy.wrap"
+INTERNAL = KeyStorageMechanism.HSM_INTERNAL
+DATABASE = KeyStorageMechanism.HSM_ENCRYPTED_DATABASE
+T0 = datetime(2025, 3, 1, 8, 0, 0, tzinfo=UTC)
+SECOND = timedelta(seconds=1)
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+DAY_S = 86_400
+CONTEXT = {"purpose": "lifecycle-test", "a": "b"}
+
+
+class Clock:
+    """The only part the test controls: a UTC time that moves when told to."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta) -> None:
+        self.now += delta
+
+
+@dataclass
+class Env:
+    service: KeyService
+    store: SQLiteStore
+    path: Path
+    software: SoftwareBackend
+
+
+class Build(Protocol):
+    async def __call__(self, name: str = "kms.db", *, addon: bool = False,
+                       imported_default: bool = False, hsm: HSMBackend | None = None,
+                       root_key: bytes | None = None) -> Env: ...
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(T0)
+
+
+@pytest.fixture
+def root_key() -> bytes:
+    return os.urandom(32)
+
+
+@pytest.fixture
+async def build(tmp_path: Path, clock: Clock, root_key: bytes) -> AsyncIterator[Build]:
+    """A KeyService on its own SQLite file, with a software and a hardware instance."""
+    stores: list[SQLiteStore] = []
+    default_root = root_key
+
+    async def make(name: str = "kms.db", *, addon: bool = False,
+                   imported_default: bool = False, hsm: HSMBackend | None = None,
+                   root_key: bytes | None = None) -> Env:
+        path = tmp_path / name
+        store = SQLiteStore(path)
+        store.open()
+        stores.append(store)
+        software = SoftwareBackend(root_key or default_root)
+        backends: dict[KeyKind, KeyBackend] = {
+            kind: software for kind in (KeyKind.SOFTWARE, KeyKind.DEFAULT_MASTER,
+                                        KeyKind.SERVICE)}
+        if hsm is not None:
+            backends[KeyKind.HARDWARE] = hsm
+        service = KeyService(
+            store=store, backends=backends, clock=clock,
+            config=ServiceConfig(
+                region=REGION, regions=(REGION,),
+                default_instances={ACCOUNT: SOFTWARE_INSTANCE},
+                rotation_addon=frozenset({ACCOUNT}) if addon else frozenset(),
+                imported_default_keys=frozenset({ACCOUNT}) if imported_default
+                else frozenset()))
+        for instance_id, kind in ((SOFTWARE_INSTANCE, InstanceType.SOFTWARE),
+                                  (HARDWARE_INSTANCE, InstanceType.HARDWARE)):
+            await service.add_instance(Instance(
+                instance_id=instance_id, account_id=ACCOUNT, region=REGION, type=kind,
+                name=instance_id, spec_qps=1000, created="2025-01-01T00:00:00Z"))
+        return Env(service, store, path, software)
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+async def pool(hsm_config: HSMConfig) -> AsyncIterator[PKCS11Pool]:
+    async with PKCS11Pool(hsm_config.pool()) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def hsm(pool: PKCS11Pool) -> HSMBackend:
+    backend = HSMBackend(pool, wrapping_key_label=WRAP_LABEL)
+    assert await backend.ensure_wrapping_key()
+    return backend
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+async def create(service: KeyService, *, spec: KeySpec = KeySpec.AES_256,
+                 origin: Origin = Origin.ALIYUN_KMS, instance: str = SOFTWARE_INSTANCE,
+                 storage: KeyStorageMechanism | None = None,
+                 tags: Mapping[str, str] | None = None) -> Key:
+    return await service.create_key(USER, spec=spec, usage=None, origin=origin,
+                                    instance_id=instance, description="lifecycle test",
+                                    tags=tags or {}, storage=storage)
+
+
+async def sweep(service: KeyService) -> list[tuple[str, str]]:
+    """One sweep, as (action, key id) pairs."""
+    return [(e.action, e.key.key_id) for e in await service.lifecycle.run_lifecycle()]
+
+
+async def version_ids(service: KeyService, key_ref: str,
+                      principal: Principal = USER) -> list[str]:
+    listed = await service.lifecycle.list_key_versions(principal, key_ref, page_number=1,
+                                                       page_size=100)
+    assert listed.total == len(listed.items)
+    return [v.version_id for v in listed.items]
+
+
+def wrap(public_key_der: bytes, material: bytes) -> bytes:
+    """What a BYOK client does with GetParametersForImport's public key."""
+    public = serialization.load_der_public_key(public_key_der)
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert public.key_size == 2048
+    return public.encrypt(material, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()),
+                                                 algorithm=hashes.SHA256(), label=None))
+
+
+async def import_material(service: KeyService, key_ref: str, material: bytes, *,
+                          expire_unix: int | None = None,
+                          principal: Principal = USER) -> Key:
+    params = await service.lifecycle.get_parameters_for_import(
+        principal, key_ref, wrapping_spec="RSA_2048", algorithm="RSAES_OAEP_SHA_256")
+    return await service.lifecycle.import_key_material(
+        principal, key_ref, encrypted=wrap(params.public_key_der, material),
+        token=params.token, expire_unix=expire_unix)
+
+
+def unix(moment: datetime) -> int:
+    return int(moment.timestamp())
+
+
+def open_independently(material: bytes, blob: bytes, context: Mapping[str, str]) -> bytes:
+    """Decrypt a blob with ``cryptography`` and the raw material (the documented layout:
+    version id (36) || IV (12) || ciphertext || tag (16); AAD = canonical context JSON)."""
+    sealed = blob[36:]
+    aad = json.dumps(dict(context), sort_keys=True, separators=(",", ":")).encode()
+    return AESGCM(material).decrypt(sealed[:12], sealed[12:], aad)
+
+
+def token_objects(**attrs: Any) -> Any:
+    """A pool callable listing the token's objects matching ``attrs``."""
+    def find(ctx: SessionContext) -> list[Any]:
+        return list(ctx.session.get_objects({getattr(Attribute, k): v
+                                             for k, v in attrs.items()}))
+    return find
+
+
+async def decrypts(service: KeyService, blob: bytes, principal: Principal = USER) -> bytes:
+    return (await service.decrypt(principal, blob, CONTEXT)).plaintext
+
+
+# -- 1. rotation --------------------------------------------------------------------------
+
+
+async def test_automatic_rotation_of_a_software_key(build: Build, clock: Clock) -> None:
+    service = (await build()).service
+    key = await create(service)
+    first = key.primary_version_id
+    old_blob = (await service.encrypt(USER, key.key_id, b"before rotation", CONTEXT)).blob
+
+    policy = await service.lifecycle.update_rotation_policy(USER, key.key_id, enabled=True,
+                                                            interval=7 * DAY_S)
+    assert policy.rotation_interval == 7 * DAY_S
+    assert policy.last_rotation == key.created == format_time(T0)
+    assert next_rotation(policy) == format_time(T0 + 7 * DAY)
+
+    clock.advance(7 * DAY - SECOND)
+    assert await sweep(service) == []
+    assert await version_ids(service, key.key_id) == [first]
+
+    clock.advance(2 * SECOND)  # 7 days + 1 s after the last rotation
+    events = await service.lifecycle.run_lifecycle()
+    assert [(e.action, e.key.key_id) for e in events] == [("CreateKeyVersion", key.key_id)]
+    rotated = await service.describe_key(USER, key.key_id)
+    assert events[0].version_id == rotated.primary_version_id != first
+    assert await version_ids(service, key.key_id) == [first, rotated.primary_version_id]
+    assert rotated.last_rotation == format_time(T0 + 7 * DAY + SECOND)
+    assert next_rotation(rotated) == format_time(T0 + 14 * DAY + SECOND)
+    assert rotated.rotation_interval == 7 * DAY_S
+
+    # Old ciphertext still decrypts; new ciphertext is made by the new primary version.
+    assert await decrypts(service, old_blob) == b"before rotation"
+    new = await service.encrypt(USER, key.key_id, b"after rotation", CONTEXT)
+    assert new.version_id == rotated.primary_version_id
+    assert new.blob[:36] == rotated.primary_version_id.encode()
+    assert await decrypts(service, new.blob) == b"after rotation"
+
+    # Nothing is due again until another interval has passed.
+    assert await sweep(service) == []
+    clock.advance(7 * DAY - SECOND)
+    assert await sweep(service) == []
+    clock.advance(SECOND)
+    assert await sweep(service) == [("CreateKeyVersion", key.key_id)]
+    assert len(await version_ids(service, key.key_id)) == 3
+    assert await decrypts(service, old_blob) == b"before rotation"
+
+
+async def test_software_rotation_policy_bounds_and_refusals(build: Build) -> None:
+    service = (await build()).service
+    key = await create(service)
+    for interval in (7 * DAY_S - 1, 365 * DAY_S + 1):
+        with pytest.raises(InvalidParameter, match="RotationInterval"):
+            await service.lifecycle.update_rotation_policy(USER, key.key_id, enabled=True,
+                                                           interval=interval)
+    off = await service.lifecycle.update_rotation_policy(USER, key.key_id, enabled=False,
+                                                         interval=None)
+    assert off.rotation_interval is None
+    assert next_rotation(off) is None
+    # Asymmetric keys and keys with imported material never rotate.
+    signing = await create(service, spec=KeySpec.EC_P256)
+    byok = await create(service, origin=Origin.EXTERNAL)
+    for refused, reason in ((signing, "asymmetric"), (byok, "imported material")):
+        with pytest.raises(UnsupportedOperation, match=reason):
+            await service.lifecycle.create_key_version(USER, refused.key_id)
+        with pytest.raises(UnsupportedOperation, match=reason):
+            await service.lifecycle.update_rotation_policy(USER, refused.key_id,
+                                                           enabled=True, interval=7 * DAY_S)
+
+
+async def test_a_disabled_key_waits_and_rotates_once_enabled_and_due(
+        build: Build, clock: Clock) -> None:
+    service = (await build()).service
+    key = await create(service)
+    waiting = await create(service)
+    blob = (await service.encrypt(USER, key.key_id, b"kept", CONTEXT)).blob
+    for k in (key, waiting):
+        await service.lifecycle.update_rotation_policy(USER, k.key_id, enabled=True,
+                                                       interval=30 * DAY_S)
+        await service.set_enabled(USER, k.key_id, False)
+    disabled = await service.describe_key(USER, key.key_id)
+    assert key_metadata(disabled)["AutomaticRotation"] == "Suspended"
+
+    clock.advance(90 * DAY)
+    assert await sweep(service) == []
+    assert len(await version_ids(service, key.key_id)) == 1
+
+    enabled = await service.set_enabled(USER, key.key_id, True)
+    assert key_metadata(enabled)["AutomaticRotation"] == "Enabled"
+    # One version for the overdue policy, not one per missed interval; the other key,
+    # still disabled, keeps waiting.
+    assert await sweep(service) == [("CreateKeyVersion", key.key_id)]
+    assert await sweep(service) == []
+    assert len(await version_ids(service, key.key_id)) == 2
+    assert len(await version_ids(service, waiting.key_id)) == 1
+    assert (await service.describe_key(USER, key.key_id)).last_rotation == format_time(
+        T0 + 90 * DAY)
+    assert await decrypts(service, blob) == b"kept"
+
+    # Rotation on the enabled key waits for its next interval from the rotation.
+    clock.advance(30 * DAY - SECOND)
+    assert await sweep(service) == []
+    clock.advance(SECOND)
+    assert await sweep(service) == [("CreateKeyVersion", key.key_id)]
+
+
+async def test_default_master_key_rotates_yearly_with_the_addon(
+        build: Build, clock: Clock) -> None:
+    service = (await build(addon=True)).service
+    default = await service.provision_default_key(ACCOUNT)
+    assert default.kind is KeyKind.DEFAULT_MASTER
+    old = await service.encrypt(OSS, default.key_id, b"server-side", CONTEXT)
+
+    # The default key rotates every 365 days, no other interval.
+    with pytest.raises(InvalidParameter, match="RotationInterval"):
+        await service.lifecycle.update_rotation_policy(USER, default.key_id, enabled=True,
+                                                       interval=30 * DAY_S)
+    policy = await service.lifecycle.update_rotation_policy(USER, default.key_id,
+                                                            enabled=True, interval=None)
+    assert policy.rotation_interval == 365 * DAY_S
+
+    clock.advance(365 * DAY - SECOND)
+    assert await sweep(service) == []
+    clock.advance(2 * SECOND)
+    events = await service.lifecycle.run_lifecycle()
+    assert [(e.action, e.key.key_id) for e in events] == [("CreateKeyVersion",
+                                                           default.key_id)]
+    versions = await version_ids(service, default.key_id)
+    assert versions == [default.primary_version_id, events[0].version_id]
+    rotated = await service.describe_key(USER, default.key_id)
+    assert rotated.primary_version_id == events[0].version_id
+    assert rotated.last_rotation == format_time(T0 + 365 * DAY + SECOND)
+
+    assert await decrypts(service, old.blob, OSS) == b"server-side"
+    new = await service.encrypt(OSS, default.key_id, b"after", CONTEXT)
+    assert new.version_id == events[0].version_id
+    assert await decrypts(service, new.blob, OSS) == b"after"
+    assert await sweep(service) == []
+
+
+async def test_default_master_key_rotation_needs_the_addon(build: Build,
+                                                           clock: Clock) -> None:
+    service = (await build()).service
+    default = await service.provision_default_key(ACCOUNT)
+    with pytest.raises(UnsupportedOperation, match="add-on"):
+        await service.lifecycle.update_rotation_policy(USER, default.key_id, enabled=True,
+                                                       interval=None)
+    with pytest.raises(UnsupportedOperation, match="add-on"):
+        await service.lifecycle.create_key_version(USER, default.key_id)
+    clock.advance(800 * DAY)
+    assert await sweep(service) == []
+    assert await version_ids(service, default.key_id) == [default.primary_version_id]
+
+
+async def test_hardware_rotation_only_symmetric_in_the_encrypted_database(
+        build: Build, clock: Clock, hsm: HSMBackend) -> None:
+    service = (await build(hsm=hsm)).service
+    db_key = await create(service, instance=HARDWARE_INSTANCE, storage=DATABASE)
+    assert db_key.protection_level is ProtectionLevel.HSM
+    blob1 = (await service.encrypt(USER, db_key.key_id, b"one", CONTEXT)).blob
+
+    second = await service.lifecycle.create_key_version(USER, db_key.key_id)
+    assert second.material.startswith(b"wrapped:")
+    assert (await service.describe_key(USER, db_key.key_id)).primary_version_id == \
+        second.version_id
+    blob2 = (await service.encrypt(USER, db_key.key_id, b"two", CONTEXT)).blob
+    assert blob2[:36] == second.version_id.encode()
+    assert await decrypts(service, blob1) == b"one"
+    assert await decrypts(service, blob2) == b"two"
+
+    # Automatic rotation of the same key, by the sweep.
+    await service.lifecycle.update_rotation_policy(USER, db_key.key_id, enabled=True,
+                                                   interval=7 * DAY_S)
+    clock.advance(7 * DAY + SECOND)
+    assert await sweep(service) == [("CreateKeyVersion", db_key.key_id)]
+    assert len(await version_ids(service, db_key.key_id)) == 3
+    blob3 = (await service.encrypt(USER, db_key.key_id, b"three", CONTEXT)).blob
+    for blob, plaintext in ((blob1, b"one"), (blob2, b"two"), (blob3, b"three")):
+        assert await decrypts(service, blob) == plaintext
+
+    internal = await create(service, instance=HARDWARE_INSTANCE, storage=INTERNAL)
+    with pytest.raises(UnsupportedOperation, match="HsmEncryptedDatabase"):
+        await service.lifecycle.create_key_version(USER, internal.key_id)
+    with pytest.raises(UnsupportedOperation, match="HsmEncryptedDatabase"):
+        await service.lifecycle.update_rotation_policy(USER, internal.key_id, enabled=True,
+                                                       interval=7 * DAY_S)
+    signing = await create(service, spec=KeySpec.EC_P256, instance=HARDWARE_INSTANCE,
+                           storage=DATABASE)
+    rsa_key = await create(service, spec=KeySpec.RSA_2048, instance=HARDWARE_INSTANCE,
+                           storage=INTERNAL)
+    for refused in (signing, rsa_key):
+        with pytest.raises(UnsupportedOperation, match="asymmetric"):
+            await service.lifecycle.create_key_version(USER, refused.key_id)
+        with pytest.raises(UnsupportedOperation, match="asymmetric"):
+            await service.lifecycle.update_rotation_policy(USER, refused.key_id,
+                                                           enabled=True, interval=7 * DAY_S)
+        assert len(await version_ids(service, refused.key_id)) == 1
+    assert len(await version_ids(service, internal.key_id)) == 1
+
+
+# -- 2. deletion window -------------------------------------------------------------------
+
+
+async def test_the_sweep_deletes_a_key_when_its_window_ends(build: Build,
+                                                            clock: Clock) -> None:
+    env = await build()
+    service, store = env.service, env.store
+    key = await create(service, tags={"team": "blue"})
+    survivor = await create(service)
+    await service.create_alias(USER, "alias/doomed", key.key_id)
+    await service.create_alias(USER, "alias/doomed-too", key.key_id)
+    await service.create_alias(USER, "alias/survivor", survivor.key_id)
+    blob = (await service.encrypt(USER, "alias/doomed", b"soon gone", CONTEXT)).blob
+
+    with pytest.raises(InvalidParameter, match="PendingWindowInDays"):
+        await service.lifecycle.schedule_key_deletion(USER, key.key_id, 6)
+    with pytest.raises(InvalidParameter, match="PendingWindowInDays"):
+        await service.lifecycle.schedule_key_deletion(USER, key.key_id, 367)
+    pending = await service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+    assert pending.state is KeyState.PENDING_DELETION
+    assert pending.delete_date == format_time(T0 + 7 * DAY)
+    with pytest.raises(KeyStateInvalid) as refused:
+        await service.decrypt(USER, blob, CONTEXT)
+    assert refused.value.code == "Rejected.PendingDeletion"
+
+    clock.advance(7 * DAY - SECOND)
+    assert await sweep(service) == []
+    assert (await service.describe_key(USER, key.key_id)).state is KeyState.PENDING_DELETION
+
+    clock.advance(SECOND)
+    events = await service.lifecycle.run_lifecycle()
+    assert events == [SweepEvent("DeleteKey", pending)]
+    with pytest.raises(KeyNotFound):
+        await service.resolve(USER, key.key_id)
+    with pytest.raises(AliasNotFound):
+        await service.resolve(USER, "alias/doomed")
+    assert await store.get_key(key.key_id) is None
+    assert await store.list_versions(key.key_id) == []
+    assert await store.get_version(key.primary_version_id) is None
+    assert await store.get_alias(ACCOUNT, REGION, "alias/doomed") is None
+    assert await store.list_aliases(ACCOUNT, REGION, key.key_id) == []
+    assert [a.name for a in await store.list_aliases(ACCOUNT, REGION)] == ["alias/survivor"]
+    assert await store.get_tags(key.key_id) == {}
+    with pytest.raises(InvalidCiphertext):
+        await service.decrypt(USER, blob, CONTEXT)
+
+    assert (await service.resolve(USER, "alias/survivor")).state is KeyState.ENABLED
+    assert await sweep(service) == []
+
+
+async def test_a_window_that_ended_settles_without_the_sweep(build: Build,
+                                                             clock: Clock) -> None:
+    env = await build()
+    service, store = env.service, env.store
+    by_resolve = await create(service)
+    by_decrypt = await create(service)
+    await service.create_alias(USER, "alias/lazy", by_resolve.key_id)
+    blob = (await service.encrypt(USER, by_decrypt.key_id, b"x", CONTEXT)).blob
+    for key in (by_resolve, by_decrypt):
+        await service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+    clock.advance(7 * DAY)
+
+    with pytest.raises(KeyNotFound):
+        await service.resolve(USER, "alias/lazy")
+    assert await store.get_key(by_resolve.key_id) is None
+    assert await store.get_alias(ACCOUNT, REGION, "alias/lazy") is None
+    with pytest.raises(KeyNotFound):
+        await service.resolve(USER, by_resolve.key_id)
+
+    with pytest.raises(InvalidCiphertext):
+        await service.decrypt(USER, blob, CONTEXT)
+    assert await store.get_key(by_decrypt.key_id) is None
+    with pytest.raises(KeyNotFound):
+        await service.lifecycle.cancel_key_deletion(USER, by_decrypt.key_id)
+    # Nothing is left for the sweep.
+    assert await sweep(service) == []
+
+
+async def test_deleting_hsm_internal_keys_removes_their_token_objects(
+        build: Build, clock: Clock, pool: PKCS11Pool, hsm: HSMBackend) -> None:
+    service = (await build(hsm=hsm)).service
+    aes = await create(service, instance=HARDWARE_INSTANCE, storage=INTERNAL)
+    pair = await create(service, spec=KeySpec.EC_P256, instance=HARDWARE_INSTANCE,
+                        storage=INTERNAL)
+    assert len(await pool.run(token_objects(LABEL=aes.primary_version_id))) == 1
+    assert len(await pool.run(token_objects(LABEL=pair.primary_version_id))) == 2
+    blob = (await service.encrypt(USER, aes.key_id, b"in the token", CONTEXT)).blob
+    assert await decrypts(service, blob) == b"in the token"
+
+    for key in (aes, pair):
+        await service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+    clock.advance(7 * DAY)
+    assert sorted(await sweep(service)) == sorted([("DeleteKey", aes.key_id),
+                                                   ("DeleteKey", pair.key_id)])
+    assert await pool.run(token_objects(LABEL=aes.primary_version_id)) == []
+    assert await pool.run(token_objects(LABEL=pair.primary_version_id)) == []
+    # The wrapping key is untouched.
+    assert len(await pool.run(token_objects(LABEL=WRAP_LABEL))) == 1
+    with pytest.raises(InvalidCiphertext):
+        await service.decrypt(USER, blob, CONTEXT)
+    with pytest.raises(KeyNotFound):
+        await service.resolve(USER, aes.key_id)
+
+
+async def test_cancel_within_the_window_keeps_the_key(build: Build, clock: Clock) -> None:
+    service = (await build()).service
+    key = await create(service)
+    blob = (await service.encrypt(USER, key.key_id, b"saved", CONTEXT)).blob
+    await service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+    clock.advance(7 * DAY - SECOND)
+    kept = await service.lifecycle.cancel_key_deletion(USER, key.key_id)
+    assert kept.state is KeyState.ENABLED
+    assert kept.delete_date is None
+    clock.advance(30 * DAY)
+    assert await sweep(service) == []
+    assert (await service.describe_key(USER, key.key_id)).state is KeyState.ENABLED
+    assert await decrypts(service, blob) == b"saved"
+    with pytest.raises(KeyStateInvalid):
+        await service.lifecycle.cancel_key_deletion(USER, key.key_id)
+
+    # A key without material goes back to waiting for it.
+    byok = await create(service, origin=Origin.EXTERNAL)
+    await service.lifecycle.schedule_key_deletion(USER, byok.key_id, 7)
+    back = await service.lifecycle.cancel_key_deletion(USER, byok.key_id)
+    assert back.state is KeyState.PENDING_IMPORT
+
+    # Deletion protection refuses the schedule altogether.
+    await service.lifecycle.set_deletion_protection(USER, key.key_id, enabled=True,
+                                                    description="keep")
+    with pytest.raises(DeletionProtected):
+        await service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+
+
+# -- 3. BYOK ------------------------------------------------------------------------------
+
+
+async def test_software_byok_material_expiry_and_reimport(build: Build, clock: Clock) -> None:
+    env = await build()
+    service, store = env.service, env.store
+    key = await create(service, origin=Origin.EXTERNAL)
+    assert (key.state, key.origin) == (KeyState.PENDING_IMPORT, Origin.EXTERNAL)
+    with pytest.raises(KeyStateInvalid) as waiting:
+        await service.encrypt(USER, key.key_id, b"x", CONTEXT)
+    assert waiting.value.code == "Rejected.PendingImport"
+
+    material = os.urandom(32)
+    imported = await import_material(service, key.key_id, material,
+                                     expire_unix=unix(clock() + HOUR))
+    assert imported.state is KeyState.ENABLED
+    assert imported.material_expire == format_time(T0 + HOUR)
+    assert imported.material_check == key_check_value(material)
+    blob = (await service.encrypt(USER, key.key_id, b"imported", CONTEXT)).blob
+    assert open_independently(material, blob, CONTEXT) == b"imported"
+    assert await decrypts(service, blob) == b"imported"
+
+    # The expiry, carried out by the sweep.
+    clock.advance(HOUR - SECOND)
+    assert await sweep(service) == []
+    clock.advance(SECOND)
+    events = await service.lifecycle.run_lifecycle()
+    assert [(e.action, e.key.key_id) for e in events] == [("DeleteKeyMaterial", key.key_id)]
+    assert events[0].key.state is KeyState.PENDING_IMPORT
+    expired = await service.describe_key(USER, key.key_id)
+    assert expired.state is KeyState.PENDING_IMPORT
+    assert expired.material_expire is None
+    assert (await store.get_version(key.primary_version_id)) is not None
+    assert (await store.list_versions(key.key_id))[0].material == b""
+    with pytest.raises(KeyStateInvalid):
+        await service.decrypt(USER, blob, CONTEXT)
+
+    # Only the same material goes back in, with a fresh token.
+    with pytest.raises(InvalidKeyMaterial):
+        await import_material(service, key.key_id, os.urandom(32))
+    with pytest.raises(InvalidKeyMaterial):
+        await import_material(service, key.key_id, material[:16])
+    again = await import_material(service, key.key_id, material,
+                                  expire_unix=unix(clock() + HOUR))
+    assert again.state is KeyState.ENABLED
+    assert await decrypts(service, blob) == b"imported"
+
+    # The second expiry settles lazily: no sweep, the next resolve sees PendingImport.
+    clock.advance(HOUR)
+    assert (await service.resolve(USER, key.key_id)).state is KeyState.PENDING_IMPORT
+    with pytest.raises(KeyStateInvalid):
+        await service.encrypt(USER, key.key_id, b"x", CONTEXT)
+    assert await sweep(service) == []
+
+    # An expiry must lie in the future.
+    with pytest.raises(InvalidParameter, match="KeyMaterialExpireUnix"):
+        await import_material(service, key.key_id, material, expire_unix=unix(clock()))
+    # DeleteKeyMaterial by hand, after a permanent import.
+    await import_material(service, key.key_id, material)
+    deleted = await service.lifecycle.delete_key_material(USER, key.key_id)
+    assert deleted.state is KeyState.PENDING_IMPORT
+
+
+async def test_an_import_token_lives_24_hours(build: Build, clock: Clock) -> None:
+    service = (await build()).service
+    key = await create(service, origin=Origin.EXTERNAL)
+    material = os.urandom(32)
+    early, late = [await service.lifecycle.get_parameters_for_import(
+        USER, key.key_id, wrapping_spec="RSA_2048", algorithm="RSAES_OAEP_SHA_256")
+        for _ in range(2)]
+    assert early.expires == late.expires == T0 + 24 * HOUR
+    assert early.public_key_der != late.public_key_der
+
+    clock.advance(24 * HOUR - SECOND)
+    done = await service.lifecycle.import_key_material(
+        USER, key.key_id, encrypted=wrap(early.public_key_der, material), token=early.token,
+        expire_unix=None)
+    assert done.state is KeyState.ENABLED
+
+    clock.advance(2 * SECOND)
+    with pytest.raises(ExpiredImportToken):
+        await service.lifecycle.import_key_material(
+            USER, key.key_id, encrypted=wrap(late.public_key_der, material),
+            token=late.token, expire_unix=None)
+
+    # With the material gone, an expired token still fails and a fresh one works.
+    await service.lifecycle.delete_key_material(USER, key.key_id)
+    with pytest.raises(ExpiredImportToken):
+        await service.lifecycle.import_key_material(
+            USER, key.key_id, encrypted=wrap(late.public_key_der, material),
+            token=late.token, expire_unix=None)
+    assert (await service.describe_key(USER, key.key_id)).state is KeyState.PENDING_IMPORT
+    assert (await import_material(service, key.key_id, material)).state is KeyState.ENABLED
+
+
+async def test_hardware_byok_in_the_token(build: Build, clock: Clock, pool: PKCS11Pool,
+                                          hsm: HSMBackend) -> None:
+    env = await build(hsm=hsm)
+    service = env.service
+    key = await create(service, origin=Origin.EXTERNAL, instance=HARDWARE_INSTANCE)
+    assert key.storage_mechanism is INTERNAL
+    assert key.state is KeyState.PENDING_IMPORT
+    label = key.primary_version_id
+    assert await pool.run(token_objects(LABEL=label)) == []
+
+    material = os.urandom(32)
+    imported = await import_material(service, key.key_id, material,
+                                     expire_unix=unix(clock() + HOUR))
+    assert imported.state is KeyState.ENABLED
+    assert (await env.store.get_version(label)) is not None
+    assert (await env.store.list_versions(key.key_id))[0].material == \
+        b"internal:" + label.encode()
+
+    def inspect(ctx: SessionContext) -> dict[str, Any]:
+        found = list(ctx.session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                              Attribute.LABEL: label}))
+        assert len(found) == 1
+        obj = found[0]
+        facts = {a.name: obj[a] for a in (Attribute.TOKEN, Attribute.SENSITIVE,
+                                          Attribute.EXTRACTABLE, Attribute.PRIVATE)}
+        try:
+            obj[Attribute.VALUE]
+        except p11e.AttributeSensitive:
+            facts["VALUE"] = "refused"
+        else:
+            facts["VALUE"] = "readable"
+        return facts
+
+    assert await pool.run(inspect) == {"TOKEN": True, "SENSITIVE": True,
+                                       "EXTRACTABLE": False, "PRIVATE": True,
+                                       "VALUE": "refused"}
+    blob = (await service.encrypt(USER, key.key_id, b"hardware byok", CONTEXT)).blob
+    # The token holds exactly the imported material.
+    assert open_independently(material, blob, CONTEXT) == b"hardware byok"
+    assert await decrypts(service, blob) == b"hardware byok"
+
+    # Expiry removes the token object; the same material comes back into the token.
+    clock.advance(HOUR)
+    assert await sweep(service) == [("DeleteKeyMaterial", key.key_id)]
+    assert await pool.run(token_objects(LABEL=label)) == []
+    again = await import_material(service, key.key_id, material)
+    assert again.state is KeyState.ENABLED
+    assert len(await pool.run(token_objects(LABEL=label))) == 1
+    assert await decrypts(service, blob) == b"hardware byok"
+
+
+async def test_hardware_byok_in_the_encrypted_database(build: Build, pool: PKCS11Pool,
+                                                       hsm: HSMBackend) -> None:
+    env = await build(hsm=hsm)
+    service = env.service
+    key = await create(service, spec=KeySpec.AES_128, origin=Origin.EXTERNAL,
+                       instance=HARDWARE_INSTANCE, storage=DATABASE)
+    material = os.urandom(16)
+    with pytest.raises(InvalidKeyMaterial):
+        await import_material(service, key.key_id, os.urandom(32))
+    imported = await import_material(service, key.key_id, material)
+    assert imported.state is KeyState.ENABLED
+    stored = (await env.store.list_versions(key.key_id))[0].material
+    assert stored.startswith(b"wrapped:")
+    assert len(stored) == len(b"wrapped:") + 16 + 8  # RFC 5649: the key and one block
+    assert material not in stored
+    assert await pool.run(token_objects(LABEL=key.primary_version_id)) == []
+
+    blob = (await service.encrypt(USER, key.key_id, b"wrapped byok", CONTEXT)).blob
+    assert open_independently(material, blob, CONTEXT) == b"wrapped byok"
+    assert await decrypts(service, blob) == b"wrapped byok"
+    with pytest.raises(UnsupportedOperation, match="imported material"):
+        await service.lifecycle.create_key_version(USER, key.key_id)
+
+
+# -- 4. the default master key's import ---------------------------------------------------
+
+
+async def test_default_master_key_takes_material_only_when_first_enabled(
+        build: Build) -> None:
+    service = (await build(imported_default=True)).service
+    default = await service.provision_default_key(ACCOUNT)
+    assert default.kind is KeyKind.DEFAULT_MASTER
+    assert (default.state, default.origin) == (KeyState.PENDING_IMPORT, Origin.EXTERNAL)
+    with pytest.raises(KeyStateInvalid):
+        await service.encrypt(OSS, default.key_id, b"x", CONTEXT)
+
+    # BYOK is the account's (user principal's) action.
+    spare = await service.lifecycle.get_parameters_for_import(
+        USER, default.key_id, wrapping_spec="RSA_2048", algorithm="RSAES_OAEP_SHA_256")
+    material = os.urandom(32)
+    enabled = await import_material(service, default.key_id, material)
+    assert enabled.state is KeyState.ENABLED
+    assert (await service.provision_default_key(ACCOUNT)).key_id == default.key_id
+
+    sealed = await service.encrypt(OSS, default.key_id, b"server-side", CONTEXT)
+    assert open_independently(material, sealed.blob, CONTEXT) == b"server-side"
+    assert await decrypts(service, sealed.blob, OSS) == b"server-side"
+
+    with pytest.raises(UnsupportedOperation, match="first enabled"):
+        await service.lifecycle.get_parameters_for_import(
+            USER, default.key_id, wrapping_spec="RSA_2048", algorithm="RSAES_OAEP_SHA_256")
+    # A token issued before the first import is no way around it.
+    with pytest.raises(UnsupportedOperation, match="first enabled"):
+        await service.lifecycle.import_key_material(
+            USER, default.key_id, encrypted=wrap(spare.public_key_der, material),
+            token=spare.token, expire_unix=None)
+    with pytest.raises(UnsupportedOperation, match="first enabled"):
+        await service.lifecycle.delete_key_material(USER, default.key_id)
+    assert (await service.describe_key(USER, default.key_id)).state is KeyState.ENABLED
+    assert await decrypts(service, sealed.blob, OSS) == b"server-side"
+
+
+async def test_an_imported_default_master_key_is_never_left_without_material(
+        build: Build, clock: Clock) -> None:
+    """DeleteKeyMaterial is refused on the default key because it could never take material
+    again; an expiry must not reach the same dead end. Either answer keeps the key usable:
+    refuse KeyMaterialExpireUnix for it, or take the same material back after expiry."""
+    service = (await build(imported_default=True)).service
+    default = await service.provision_default_key(ACCOUNT)
+    material = os.urandom(32)
+    try:
+        await import_material(service, default.key_id, material,
+                              expire_unix=unix(clock() + HOUR))
+    except (InvalidParameter, UnsupportedOperation):
+        # An expiry refused: the key is still waiting for its first (permanent) material.
+        await import_material(service, default.key_id, material)
+    sealed = await service.encrypt(OSS, default.key_id, b"server-side", CONTEXT)
+
+    clock.advance(HOUR)
+    await sweep(service)
+    if (await service.describe_key(USER, default.key_id)).state is not KeyState.ENABLED:
+        # The material expired: the same material must be importable again.
+        again = await import_material(service, default.key_id, material)
+        assert again.state is KeyState.ENABLED
+    assert await decrypts(service, sealed.blob, OSS) == b"server-side"
+
+
+async def test_a_kms_made_default_master_key_takes_no_import(build: Build) -> None:
+    service = (await build()).service
+    default = await service.provision_default_key(ACCOUNT)
+    assert (default.state, default.origin) == (KeyState.ENABLED, Origin.ALIYUN_KMS)
+    with pytest.raises(Unsupported) as refused:
+        await service.lifecycle.get_parameters_for_import(
+            USER, default.key_id, wrapping_spec="RSA_2048", algorithm="RSAES_OAEP_SHA_256")
+    assert refused.value.what == "Origin"
+    with pytest.raises(Unsupported, match="Origin"):
+        await service.lifecycle.delete_key_material(USER, default.key_id)
+    # The same holds for a software key made by KMS.
+    key = await create(service)
+    with pytest.raises(Unsupported, match="Origin"):
+        await service.lifecycle.get_parameters_for_import(
+            USER, key.key_id, wrapping_spec="RSA_2048", algorithm="RSAES_OAEP_SHA_256")
+
+
+# -- 5. backup ----------------------------------------------------------------------------
+
+
+async def test_a_backup_restores_into_a_fresh_database(build: Build, clock: Clock) -> None:
+    first = await build("first.db")
+    key = await create(first.service, tags={"team": "blue", "env": "prod"})
+    await first.service.create_alias(USER, "alias/backed-up", key.key_id)
+    blob1 = (await first.service.encrypt(USER, key.key_id, b"version one", CONTEXT)).blob
+    second_version = await first.service.lifecycle.create_key_version(USER, key.key_id)
+    blob2 = (await first.service.encrypt(USER, key.key_id, b"version two", CONTEXT)).blob
+    backup = await first.service.lifecycle.backup_key(USER, key.key_id)
+    versions = await version_ids(first.service, key.key_id)
+
+    second = await build("second.db")  # the same root key, the same instances
+    restored = await second.service.lifecycle.restore_key_backup(USER, backup)
+    assert restored.key_id == key.key_id
+    assert restored.state is KeyState.ENABLED
+    assert restored.primary_version_id == second_version.version_id
+    assert await version_ids(second.service, key.key_id) == versions
+    assert dict(await second.store.get_tags(key.key_id)) == {"team": "blue", "env": "prod"}
+    assert await second.store.list_aliases(ACCOUNT, REGION, key.key_id) == []
+    assert await decrypts(second.service, blob1) == b"version one"
+    assert await decrypts(second.service, blob2) == b"version two"
+    new = await second.service.encrypt(USER, key.key_id, b"restored", CONTEXT)
+    assert await decrypts(first.service, new.blob) == b"restored"
+
+    with pytest.raises(InvalidParameter, match="KeyBackup"):
+        await second.service.lifecycle.restore_key_backup(USER, backup)
+    with pytest.raises(AccessDenied):
+        await (await build("third.db")).service.lifecycle.restore_key_backup(
+            Principal("6543210987654321", "mallory"), backup)
+    stranger = await build("fourth.db", root_key=os.urandom(32))
+    with pytest.raises(InvalidParameter, match="KeyBackup"):
+        await stranger.service.lifecycle.restore_key_backup(USER, backup)
+    with pytest.raises(InvalidParameter, match="KeyBackup"):
+        await second.service.lifecycle.restore_key_backup(USER, backup[:-1] + b"\0")
+
+    # A key deleted at the end of its window comes back from its backup.
+    await first.service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+    clock.advance(7 * DAY)
+    assert await sweep(first.service) == [("DeleteKey", key.key_id)]
+    with pytest.raises(InvalidCiphertext):
+        await first.service.decrypt(USER, blob1, CONTEXT)
+    back = await first.service.lifecycle.restore_key_backup(USER, backup)
+    assert back.state is KeyState.ENABLED
+    assert await decrypts(first.service, blob1) == b"version one"
+    assert await decrypts(first.service, blob2) == b"version two"
+
+
+async def test_pending_deletion_and_backups(build: Build, clock: Clock) -> None:
+    first = await build("first.db")
+    key = await create(first.service)
+    blob = (await first.service.encrypt(USER, key.key_id, b"pending", CONTEXT)).blob
+    await first.service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+    # The state table refuses a backup of a key in its deletion window.
+    with pytest.raises(KeyStateInvalid) as refused:
+        await first.service.lifecycle.backup_key(USER, key.key_id)
+    assert refused.value.code == "Rejected.PendingDeletion"
+
+    # A backup document that records PendingDeletion (sealed by the same root key) comes
+    # back Disabled, without its DeleteDate, and is no longer deleted by the sweep.
+    await first.service.lifecycle.cancel_key_deletion(USER, key.key_id)
+    document = json.loads(first.software.open_backup(
+        await first.service.lifecycle.backup_key(USER, key.key_id)))
+    document["key"].update(state="PendingDeletion", delete_date=format_time(T0 + 7 * DAY))
+    pending_backup = first.software.seal_backup(json.dumps(document).encode())
+
+    second = await build("second.db")
+    restored = await second.service.lifecycle.restore_key_backup(USER, pending_backup)
+    assert restored.state is KeyState.DISABLED
+    assert restored.delete_date is None
+    clock.advance(30 * DAY)
+    assert await sweep(second.service) == []
+    with pytest.raises(KeyStateInvalid):
+        await second.service.decrypt(USER, blob, CONTEXT)
+    await second.service.set_enabled(USER, key.key_id, True)
+    assert await decrypts(second.service, blob) == b"pending"
+
+
+async def test_hardware_keys_make_no_backups(build: Build, hsm: HSMBackend) -> None:
+    service = (await build(hsm=hsm)).service
+    for storage in (INTERNAL, DATABASE):
+        key = await create(service, instance=HARDWARE_INSTANCE, storage=storage)
+        with pytest.raises(UnsupportedOperation, match="backup"):
+            await service.lifecycle.backup_key(USER, key.key_id)
+
+
+# -- 6. the store never holds imported material -------------------------------------------
+
+
+def _needles(material: bytes) -> list[bytes]:
+    return [material, material.hex().encode(), material.hex().upper().encode(),
+            base64.b64encode(material), base64.urlsafe_b64encode(material),
+            base64.b64encode(material).rstrip(b"=")]
+
+
+def _scan_rows(path: Path, needles: list[bytes]) -> int:
+    """Every column of every row of every table; returns how many values were read."""
+    db = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        assert {"keys", "key_versions", "aliases", "tags", "instances"} <= set(tables)
+        seen = 0
+        for table in tables:
+            for row in db.execute(f'SELECT * FROM "{table}"'):  # noqa: S608 - own table names
+                for value in row:
+                    seen += 1
+                    raw = value if isinstance(value, bytes) else str(value).encode()
+                    for needle in needles:
+                        assert needle not in raw, f"imported material in {table}"
+        return seen
+    finally:
+        db.close()
+
+
+async def test_the_store_never_holds_imported_material(build: Build, clock: Clock) -> None:
+    env = await build()
+    service = env.service
+    material = os.urandom(32)
+    key = await create(service, origin=Origin.EXTERNAL, tags={"team": "blue"})
+    await service.create_alias(USER, "alias/byok", key.key_id)
+    await import_material(service, key.key_id, material, expire_unix=unix(clock() + HOUR))
+    blob = (await service.encrypt(USER, "alias/byok", b"secret", CONTEXT)).blob
+    assert open_independently(material, blob, CONTEXT) == b"secret"
+    needles = _needles(material)
+
+    stored = (await env.store.list_versions(key.key_id))[0].material
+    assert stored and all(n not in stored for n in needles)
+    assert _scan_rows(env.path, needles) > 20
+    # Expiry and re-import leave no trace either; nor do the database's files themselves.
+    clock.advance(HOUR)
+    assert await sweep(service) == [("DeleteKeyMaterial", key.key_id)]
+    await import_material(service, key.key_id, material)
+    assert await decrypts(service, blob) == b"secret"
+    _scan_rows(env.path, needles)
+    files = [p for p in env.path.parent.iterdir() if p.name.startswith(env.path.name)]
+    assert env.path in files
+    for file in files:
+        data = file.read_bytes()
+        for needle in needles:
+            assert needle not in data, f"imported material in {file.name}"
