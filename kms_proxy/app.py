@@ -39,6 +39,7 @@ from kms_proxy.core.audit import AuditEvent, AuditLog, Outcome
 from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
 from kms_proxy.core.capabilities import Op, require_principal
 from kms_proxy.core.errors import KmsError
+from kms_proxy.core.lifecycle import SweepEvent
 from kms_proxy.core.model import Instance, KeyKind, Principal, PrincipalKind
 from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.openapi import openapi_document
@@ -285,7 +286,8 @@ def create_app(config: Config) -> web.Application:
                 await service.provision_default_key(account.id)
             app[SERVICE] = service
             app[AUDIT] = audit
-            sweeper = asyncio.create_task(_sweep_forever(service, audit,
+            service.lifecycle.on_event = _audit_scheduled(audit)
+            sweeper = asyncio.create_task(_sweep_forever(service,
                                                          config.lifecycle_interval_s))
             try:
                 yield
@@ -302,20 +304,25 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-async def _sweep_forever(service: KeyService, audit: AuditLog, interval: float) -> None:
-    """Carry out what time decides (deletion windows, material expiry, automatic rotation),
-    and audit each as done by KMS itself."""
+def _audit_scheduled(audit: AuditLog) -> Callable[[SweepEvent], None]:
+    """Audit what time decided (deletion windows, material expiry, automatic rotation) as
+    done by KMS itself."""
+    def record(event: SweepEvent) -> None:
+        key = event.key
+        audit.append(AuditEvent(
+            time=audit.now(), request_id=f"sweep-{uuid.uuid4()}",
+            principal=f"acs:ram::{key.account_id}:service/kms", account_id=key.account_id,
+            action=event.action, key_id=key.key_id, key_arn=key.arn,
+            outcome=str(Outcome.SUCCESS), error_code=None, source_ip=None,
+            details={"KeyVersionId": event.version_id} if event.version_id else {}))
+    return record
+
+
+async def _sweep_forever(service: KeyService, interval: float) -> None:
+    """Run the lifecycle sweep every ``interval`` seconds."""
     while True:
         try:
-            for event in await service.lifecycle.run_lifecycle():
-                key = event.key
-                audit.append(AuditEvent(
-                    time=audit.now(), request_id=f"sweep-{uuid.uuid4()}",
-                    principal=f"acs:ram::{key.account_id}:service/kms",
-                    account_id=key.account_id, action=event.action, key_id=key.key_id,
-                    key_arn=key.arn, outcome=str(Outcome.SUCCESS), error_code=None,
-                    source_ip=None,
-                    details={"KeyVersionId": event.version_id} if event.version_id else {}))
+            await service.lifecycle.run_lifecycle()
         except KmsError as exc:
             # A backend that is down (an EKM, the token) delays the sweep; the next retries.
             log.warning("lifecycle sweep stopped early: %s", exc)

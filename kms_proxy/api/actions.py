@@ -254,8 +254,8 @@ async def delete_key_material(c: Call) -> dict[str, Any]:
 # -- backup (this project's extension: the 2016-01-20 API has no backup action) ----------
 
 async def backup_key(c: Call) -> dict[str, Any]:
-    backup = await c.service.lifecycle.backup_key(c.principal, c.params.text("KeyId"))
-    return {"KeyId": c.params.text("KeyId"), "KeyBackup": _b64(backup)}
+    key, backup = await c.service.lifecycle.backup_key(c.principal, c.params.text("KeyId"))
+    return {"KeyId": key.key_id, "KeyBackup": _b64(backup)}
 
 
 async def restore_key_backup(c: Call) -> dict[str, Any]:

@@ -25,6 +25,7 @@ MAX_CONTEXT_CHARS: Final = 8192
 # RotationInterval: an integer and a unit (reference section 2.7: "7d" = "604800s").
 _DURATION: Final = re.compile(r"([0-9]{1,12})([dhms])")
 _UNIT_SECONDS: Final = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
+_INTEGER: Final = re.compile(r"-?[0-9]{1,19}")
 
 
 class Params:
@@ -60,10 +61,11 @@ class Params:
         value = self._values.get(name)
         if value in (None, ""):
             return default
-        try:
-            number = int(value)
-        except ValueError:
-            raise InvalidParameter(name, "not an integer") from None
+        # Plain ASCII digits only: int() would also take " 7", "+7", "0_7" and other
+        # scripts' digits.
+        if value is None or not _INTEGER.fullmatch(value):
+            raise InvalidParameter(name, "not an integer")
+        number = int(value)
         if not low <= number <= high:
             raise InvalidParameter(name, f"must be {low} to {high}")
         return number

@@ -35,7 +35,8 @@ from kms_proxy.core.errors import (
     UnsupportedOperation,
 )
 
-__all__ = ["WRAPPING_ALGORITHMS", "ImportParameters", "ImportTokens", "key_check_value"]
+__all__ = ["REFUSED_WRAPPING_ALGORITHMS", "WRAPPING_ALGORITHMS", "ImportParameters",
+           "ImportTokens", "key_check_value"]
 
 TOKEN_LIFETIME: Final = timedelta(hours=24)
 
@@ -46,10 +47,17 @@ def _oaep(digest: type[hashes.HashAlgorithm]) -> Callable[[], AsymmetricPadding]
 
 # Wrapping algorithms for WrappingKeySpec RSA_2048 (reference section 2.5).
 WRAPPING_ALGORITHMS: Final[Mapping[str, Callable[[], AsymmetricPadding]]] = MappingProxyType({
-    "RSAES_PKCS1_V1_5": padding.PKCS1v15,
     "RSAES_OAEP_SHA_1": _oaep(hashes.SHA1),
     "RSAES_OAEP_SHA_256": _oaep(hashes.SHA256),
 })
+# The reference also lists RSAES_PKCS1_V1_5. OpenSSL answers a bad PKCS#1 v1.5 padding with
+# random bytes ("implicit rejection", the Bleichenbacher defence), so a wrongly wrapped
+# import would be taken as some other material about once in 250 tries, and the key then
+# held to it for ever. Refused, as AWS KMS stopped taking it for imports.
+REFUSED_WRAPPING_ALGORITHMS: Final = {
+    "RSAES_PKCS1_V1_5": "PKCS#1 v1.5 unwrapping cannot tell a wrong wrapping from material "
+                        "(OpenSSL's implicit rejection); use RSAES_OAEP_SHA_256",
+}
 
 
 def key_check_value(material: bytes) -> str:
@@ -94,6 +102,8 @@ class ImportTokens:
                                        "(no maintained SM2 library)")
         if wrapping_spec != "RSA_2048":
             raise InvalidParameter("WrappingKeySpec", "RSA_2048 or EC_SM2")
+        if algorithm in REFUSED_WRAPPING_ALGORITHMS:
+            raise UnsupportedOperation(REFUSED_WRAPPING_ALGORITHMS[algorithm])
         if algorithm not in WRAPPING_ALGORITHMS:
             raise InvalidParameter("WrappingAlgorithm", ", ".join(WRAPPING_ALGORITHMS))
         # RSA key generation takes tens of milliseconds: off the event loop.

@@ -16,7 +16,7 @@ import hmac
 import json
 import uuid
 from base64 import b64decode, b64encode
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
@@ -91,6 +91,15 @@ class KeyLifecycle:
     def __init__(self, service: KeyService) -> None:
         self._s = service
         self._imports = ImportTokens(service.clock)
+        # Told of everything done on a schedule, by the sweep or by a request that found it
+        # due (the front audits each as done by KMS itself).
+        self.on_event: Callable[[SweepEvent], None] | None = None
+
+    def _emit(self, event: SweepEvent, sink: list[SweepEvent] | None) -> None:
+        if sink is not None:
+            sink.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
 
     # -- versions and rotation ---------------------------------------------------------
 
@@ -293,7 +302,7 @@ class KeyLifecycle:
             raise UnsupportedOperation(f"the {backend.name} backend makes no backups")
         return backend
 
-    async def backup_key(self, principal: Principal, key_ref: str) -> bytes:
+    async def backup_key(self, principal: Principal, key_ref: str) -> tuple[Key, bytes]:
         """The key's metadata, every version's (still wrapped) material and its tags,
         encrypted and authenticated by the backend's root key: restorable only here."""
         key = await self._s._usable(principal, key_ref, Op.BACKUP_KEY)
@@ -305,7 +314,7 @@ class KeyLifecycle:
                           "material": b64encode(v.material).decode()} for v in versions],
             "tags": dict(await self._s._store.get_tags(key.key_id)),
         }
-        return self._sealer(key).seal_backup(json.dumps(document).encode())
+        return key, self._sealer(key).seal_backup(json.dumps(document).encode())
 
     async def restore_key_backup(self, principal: Principal,
                                  backup: bytes) -> Key:
@@ -339,16 +348,18 @@ class KeyLifecycle:
 
     # -- what time decides -----------------------------------------------------------------
 
-    async def _settle(self, key: Key) -> Key | None:
+    async def _settle(self, key: Key, sink: list[SweepEvent] | None = None) -> Key | None:
         """Carry out what is due on ``key`` now: the end of its deletion window (None: the
         key is gone) or its imported material's expiry."""
         now = self._s.clock()
         if (key.state is KeyState.PENDING_DELETION and key.delete_date
                 and parse_time(key.delete_date) <= now):
             await self._delete_now(key)
+            self._emit(SweepEvent("DeleteKey", key), sink)
             return None
         if key.material_expire and parse_time(key.material_expire) <= now:
             key = await self._drop_material(key)
+            self._emit(SweepEvent("DeleteKeyMaterial", key), sink)
         return key
 
     async def settled(self, key: Key, key_ref: str) -> Key:
@@ -364,15 +375,12 @@ class KeyLifecycle:
         """One sweep over every key: deletions and expiries that are due, then automatic
         rotations (Enabled keys whose last rotation is an interval old; a disabled key's
         rotation waits, as Alibaba's does)."""
-        events = []
+        events: list[SweepEvent] = []
         now = self._s.clock()
         for key in await self._s._store.all_keys():
-            settled = await self._settle(key)
+            settled = await self._settle(key, events)
             if settled is None:
-                events.append(SweepEvent("DeleteKey", key))
                 continue
-            if key.material_expire is not None and settled.material_expire is None:
-                events.append(SweepEvent("DeleteKeyMaterial", settled))
             interval = settled.rotation_interval
             if interval is None or settled.state is not KeyState.ENABLED:
                 continue
@@ -385,7 +393,7 @@ class KeyLifecycle:
             except UnsupportedOperation:
                 continue  # e.g. the account dropped the add-on: the policy waits.
             version = await self._rotate(settled, _system(settled.account_id))
-            events.append(SweepEvent("CreateKeyVersion", settled, version.version_id))
+            self._emit(SweepEvent("CreateKeyVersion", settled, version.version_id), events)
         return events
 
 

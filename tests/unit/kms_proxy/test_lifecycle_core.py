@@ -828,7 +828,7 @@ async def test_a_backup_restores_into_a_fresh_database(build: Build, clock: Cloc
     blob1 = (await first.service.encrypt(USER, key.key_id, b"version one", CONTEXT)).blob
     second_version = await first.service.lifecycle.create_key_version(USER, key.key_id)
     blob2 = (await first.service.encrypt(USER, key.key_id, b"version two", CONTEXT)).blob
-    backup = await first.service.lifecycle.backup_key(USER, key.key_id)
+    _, backup = await first.service.lifecycle.backup_key(USER, key.key_id)
     versions = await version_ids(first.service, key.key_id)
 
     second = await build("second.db")  # the same root key, the same instances
@@ -881,7 +881,7 @@ async def test_pending_deletion_and_backups(build: Build, clock: Clock) -> None:
     # back Disabled, without its DeleteDate, and is no longer deleted by the sweep.
     await first.service.lifecycle.cancel_key_deletion(USER, key.key_id)
     document = json.loads(first.software.open_backup(
-        await first.service.lifecycle.backup_key(USER, key.key_id)))
+        (await first.service.lifecycle.backup_key(USER, key.key_id))[1]))
     document["key"].update(state="PendingDeletion", delete_date=format_time(T0 + 7 * DAY))
     pending_backup = first.software.seal_backup(json.dumps(document).encode())
 
