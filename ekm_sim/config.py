@@ -54,7 +54,7 @@ class ServerConfig:
     # A separate plain-HTTP listener answering GET /ping for load balancers (spec L718).
     ping_port: int | None = None
     # The event loop (shared.serving.EVENT_LOOPS).
-    event_loop: str = "uvloop"
+    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +149,7 @@ def _server(r: TableReader) -> ServerConfig:
     request_log = r.get("request_log", str, "-")
     if request_log not in ("-", "off"):
         request_log = str(r.path("request_log"))
-    event_loop = r.get("event_loop", str, "uvloop")
+    event_loop = r.get("event_loop", str, "asyncio")
     r.check(event_loop in EVENT_LOOPS, "event_loop", f"must be one of {EVENT_LOOPS}")
     return ServerConfig(host=r.get("host", str, "127.0.0.1"), port=port, workers=workers,
                         request_log=request_log, ping_port=ping, event_loop=event_loop)

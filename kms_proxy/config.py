@@ -42,7 +42,7 @@ class ServerConfig:
     # One line per request (no secrets): "-" stderr, "off", or a file.
     access_log: str = "off"
     # The event loop (shared.serving.EVENT_LOOPS).
-    event_loop: str = "uvloop"
+    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +214,7 @@ def _server(r: TableReader) -> ServerConfig:
                           client_ca=r.path("client_ca"),
                           require_client_cert=r.get("require_client_cert", bool, False),
                           access_log=r.get("access_log", str, "off"),
-                          event_loop=r.get("event_loop", str, "uvloop"))
+                          event_loop=r.get("event_loop", str, "asyncio"))
     r.check(server.event_loop in EVENT_LOOPS, "event_loop", f"must be one of {EVENT_LOOPS}")
     r.check(not server.require_client_cert or server.client_ca is not None, "client_ca",
             "is required when require_client_cert is true")

@@ -52,9 +52,10 @@ def write_atomically(path: Path, text: str, *, mode: int = 0o644) -> None:
     tmp.replace(path)
 
 
-# The event loops a server can run on: "uvloop" (libuv, with its own TLS transport) or
-# Python's own "asyncio". BENCHMARKS.md has the figures that chose the default.
-EVENT_LOOPS = ("uvloop", "asyncio")
+# The event loops a server can run on: Python's own "asyncio" (the default) or "uvloop"
+# (libuv, with its own TLS transport). On this project's TLS workloads uvloop measured no
+# better, and slower for the KMS front (BENCHMARKS.md), so it is an option, not the default.
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 
 def run_loop(main: Coroutine[object, object, None], *, event_loop: str) -> None:
