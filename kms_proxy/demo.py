@@ -63,11 +63,14 @@ def attempt(step: str, call: Callable[[], Any]) -> Any:
 class ServicePrincipal:
     """A cloud product calling the RPC API with ``Authorization: Bearer <JWT>``."""
 
-    def __init__(self, stack: dict[str, Any], product: str) -> None:
+    def __init__(self, stack: dict[str, Any], product: str, *, account: str | None = None,
+                 token: str | None = None) -> None:
+        """``token`` defaults to one the dev stack's issuer signs for ``account`` (the
+        stack's main account by default)."""
         self.endpoint = stack["kms"]["endpoint"]
         self.context = ssl.create_default_context(cafile=stack["kms"]["ca"])
-        self.token = devstack.token(Path(stack["config"]).parent, product=product,
-                                    account=stack["account_id"])
+        self.token = token or devstack.token(Path(stack["config"]).parent, product=product,
+                                             account=account or stack["account_id"])
 
     def call(self, action: str, **params: str) -> tuple[int, dict[str, Any]]:
         query = urllib.parse.urlencode({"Action": action, "Version": "2016-01-20", **params})

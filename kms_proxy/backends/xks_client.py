@@ -57,12 +57,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any, Final, TypeVar
 
 import aiohttp
 
-from shared.sigv4 import Credential, sign_request
+from shared.sigv4 import Credential, Signer
 from shared.tls import client_context
 from shared.xks import (
     DecryptRequest,
@@ -98,6 +98,7 @@ SERVICE: Final = "kms-xks-proxy"
 EXTERNAL_KEY_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _URI_PREFIX: Final = re.compile(r"[A-Za-z0-9/_-]{0,128}")
 _MAX_ATTEMPTS: Final = 2
+_JSON_HEADERS: Final = MappingProxyType({"Content-Type": "application/json"})
 # A refused connect is retried after this pause (a listener restarting, a load balancer
 # swapping targets); a stale pooled connection is retried at once.
 _CONNECT_RETRY_PAUSE: Final = 0.02
@@ -231,6 +232,7 @@ class XKSClient:
         self._ssl: ssl.SSLContext | None = None
         # The credential that last worked; rotation moves it, later calls start there.
         self._credential_index = 0
+        self._signer = Signer(region=connection.region, service=SERVICE)
 
     async def __aenter__(self) -> XKSClient:
         conn = self.connection
@@ -388,10 +390,8 @@ class XKSClient:
     async def _post(self, url: str, data: bytes, credential: Credential,
                     attempt: _Attempt) -> tuple[int, bytes]:
         assert self._session is not None and self._ssl is not None
-        headers = sign_request(method="POST", url=url, body=data,
-                               headers={"Content-Type": "application/json"},
-                               credential=credential, region=self.connection.region,
-                               service=SERVICE)
+        headers = self._signer.sign(method="POST", url=url, body=data,
+                                    headers=_JSON_HEADERS, credential=credential)
         async with self._session.post(url, data=data, headers=headers, ssl=self._ssl,
                                       allow_redirects=False,
                                       trace_request_ctx=attempt) as response:

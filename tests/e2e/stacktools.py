@@ -3,14 +3,9 @@ user, a bearer-token client for a cloud service, and small helpers the e2e tests
 
 from __future__ import annotations
 
-import json
 import os
-import ssl
 import subprocess
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Any
 
 import pytest
@@ -19,6 +14,8 @@ from alibabacloud_kms20160120.client import Client
 from alibabacloud_tea_openapi import models as open_api
 from alibabacloud_tea_openapi.models import Config
 from darabonba.runtime import RuntimeOptions
+
+from kms_proxy.demo import ServicePrincipal
 
 KMS_PROXY = [sys.executable, "-m", "kms_proxy.cli"]
 
@@ -38,26 +35,15 @@ def sdk_for(stack: dict[str, Any], account: str | None = None) -> Client:
                          ca=stack["kms"]["ca"], region_id=stack["region"]))
 
 
-class ServiceClient:
-    """A cloud product calling the same RPC API with ``Authorization: Bearer <JWT>``."""
+class ServiceClient(ServicePrincipal):
+    """A cloud product calling the same RPC API with ``Authorization: Bearer <JWT>``, its
+    token minted by the CLI (``kms-proxy dev token``), as a compose stack would."""
 
     def __init__(self, stack: dict[str, Any], product: str, account: str | None = None
                  ) -> None:
-        self.endpoint = stack["kms"]["endpoint"]
-        self.context = ssl.create_default_context(cafile=stack["kms"]["ca"])
-        self.token = run("dev", "token", "--workdir", str(stack["workdir"]), "--product",
-                         product, "--account", account or stack["account_id"]).strip()
-
-    def call(self, action: str, **params: str) -> tuple[int, dict[str, Any]]:
-        query = urllib.parse.urlencode({"Action": action, "Version": "2016-01-20", **params})
-        request = urllib.request.Request(
-            f"https://{self.endpoint}/?{query}", method="POST",
-            headers={"Authorization": f"Bearer {self.token}"})
-        try:
-            with urllib.request.urlopen(request, context=self.context, timeout=10) as resp:  # noqa: S310
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        super().__init__(stack, product, token=run(
+            "dev", "token", "--workdir", str(stack["workdir"]), "--product", product,
+            "--account", account or stack["account_id"]).strip())
 
 
 def call_action(sdk: Client, action: str, **query: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -53,16 +52,8 @@ OAEP_HASH = {"RSAES_OAEP_SHA_256": hashes.SHA256, "RSAES_OAEP_SHA_1": hashes.SHA
 
 
 @pytest.fixture
-async def pool(hsm_config: HSMConfig) -> AsyncIterator[PKCS11Pool]:
-    async with PKCS11Pool(hsm_config.pool()) as opened:
-        yield opened
-
-
-@pytest.fixture
-async def backend(pool: PKCS11Pool) -> HSMBackend:
-    made = HSMBackend(pool, wrapping_key_label=WRAP_LABEL)
-    assert await made.ensure_wrapping_key()
-    return made
+def backend(hsm: HSMBackend) -> HSMBackend:
+    return hsm
 
 
 async def new_version(backend: HSMBackend, spec: KeySpec,

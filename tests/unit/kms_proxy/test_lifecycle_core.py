@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11e
 
-from ekm_sim.config import HSMConfig
 from kms_proxy.api.actions import key_metadata
 from kms_proxy.backends.base import KeyBackend
 from kms_proxy.backends.hsm import HSMBackend
@@ -156,17 +155,6 @@ async def build(tmp_path: Path, clock: Clock, root_key: bytes) -> AsyncIterator[
         store.close()
 
 
-@pytest.fixture
-async def pool(hsm_config: HSMConfig) -> AsyncIterator[PKCS11Pool]:
-    async with PKCS11Pool(hsm_config.pool()) as opened:
-        yield opened
-
-
-@pytest.fixture
-async def hsm(pool: PKCS11Pool) -> HSMBackend:
-    backend = HSMBackend(pool, wrapping_key_label=WRAP_LABEL)
-    assert await backend.ensure_wrapping_key()
-    return backend
 
 
 # -- helpers ------------------------------------------------------------------------------
