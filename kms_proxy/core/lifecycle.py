@@ -362,14 +362,18 @@ class KeyLifecycle:
             self._emit(SweepEvent("DeleteKeyMaterial", key), sink)
         return key
 
-    async def settled(self, key: Key, key_ref: str) -> Key:
-        """``key``, settled. :raises KeyNotFound: if its deletion window has ended."""
+    async def current(self, key: Key) -> Key | None:
+        """``key`` as it is now (None once its deletion window has ended)."""
         if key.delete_date is None and key.material_expire is None:
             return key
-        settled = await self._settle(key)
-        if settled is None:
+        return await self._settle(key)
+
+    async def settled(self, key: Key, key_ref: str) -> Key:
+        """``key``, settled. :raises KeyNotFound: if its deletion window has ended."""
+        current = await self.current(key)
+        if current is None:
             raise KeyNotFound(key_ref)
-        return settled
+        return current
 
     async def run_lifecycle(self) -> list[SweepEvent]:
         """One sweep over every key: deletions and expiries that are due, then automatic

@@ -465,7 +465,9 @@ class KeyService:
 
         :raises InvalidParameter: for an unknown filter name.
         """
-        keys = list(await self._store.list_keys(principal.account_id, self.region))
+        keys = [current for key in await self._store.list_keys(principal.account_id,
+                                                               self.region)
+                if (current := await self.lifecycle.current(key)) is not None]
         for name, values in filters:
             keys = [k for k in keys if await self._matches(k, name, set(values))]
         return page(keys, page_number, page_size)

@@ -501,6 +501,20 @@ async def test_a_window_that_ended_settles_without_the_sweep(build: Build,
     assert await sweep(service) == []
 
 
+async def test_list_keys_never_shows_a_key_whose_window_ended(build: Build,
+                                                             clock: Clock) -> None:
+    service = (await build()).service
+    doomed, kept = await create(service), await create(service)
+    await service.lifecycle.schedule_key_deletion(USER, doomed.key_id, 7)
+    listed = await service.list_keys(USER, filters=[], page_number=1, page_size=100)
+    assert {k.key_id for k in listed.items} >= {doomed.key_id, kept.key_id}
+    clock.advance(7 * DAY)
+    listed = await service.list_keys(USER, filters=[], page_number=1, page_size=100)
+    ids = {k.key_id for k in listed.items}
+    assert kept.key_id in ids and doomed.key_id not in ids
+    assert listed.total == len(ids)
+
+
 async def test_deleting_hsm_internal_keys_removes_their_token_objects(
         build: Build, clock: Clock, pool: PKCS11Pool, hsm: HSMBackend) -> None:
     service = (await build(hsm=hsm)).service
