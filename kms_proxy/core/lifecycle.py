@@ -3,14 +3,15 @@ import and backup, and the sweep that carries out what time decides (a deletion 
 end, imported material's expiry, automatic rotation).
 
 ``KeyLifecycle`` works on one ``KeyService``'s keys, caches and backends (the service owns
-it as ``service.lifecycle``); it has its own module because these actions share their rules
-with each other more than with crypto. Every action checks,
-in this order: the capability table (and its narrower rotation/import rules), then the
-key-state table, then its own parameters against the key.
+it as ``service.lifecycle``, and this module reaches into its internals as a friend); it has
+its own module because these actions share their rules with each other more than with
+crypto. Every action checks, in this order: the capability table (and its narrower
+rotation/import rules), then the key-state table, then its own parameters against the key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import json
@@ -52,7 +53,8 @@ from kms_proxy.store.base import StoreConflict
 if TYPE_CHECKING:
     from kms_proxy.core.service import KeyService
 
-__all__ = ["KeyLifecycle", "SweepEvent", "format_time", "next_rotation", "parse_time"]
+__all__ = ["KeyLifecycle", "SweepEvent", "format_time", "next_rotation", "parse_time",
+           "system_principal"]
 
 _TIME: Final = "%Y-%m-%dT%H:%M:%SZ"
 # Imported material sizes (reference section 2.5: 256 bits for AES-256, 128 for SM4).
@@ -70,8 +72,9 @@ def parse_time(text: str) -> datetime:
     return datetime.strptime(text, _TIME).replace(tzinfo=UTC)
 
 
-def _system(account_id: str) -> Principal:
-    """KMS itself, acting on a schedule (automatic rotation, deletion)."""
+def system_principal(account_id: str) -> Principal:
+    """KMS itself, acting for an account: provisioning keys, or on a schedule (automatic
+    rotation, deletion)."""
     return Principal(account_id=account_id, name="kms", kind=PrincipalKind.SERVICE,
                      product="kms")
 
@@ -94,6 +97,9 @@ class KeyLifecycle:
         # Told of everything done on a schedule, by the sweep or by a request that found it
         # due (the front audits each as done by KMS itself).
         self.on_event: Callable[[SweepEvent], None] | None = None
+        # One material change at a time per key: two concurrent imports into an empty
+        # HsmInternal version would each make a token object with the version's label.
+        self._material_locks: dict[str, asyncio.Lock] = {}
 
     def _emit(self, event: SweepEvent, sink: list[SweepEvent] | None) -> None:
         if sink is not None:
@@ -157,9 +163,9 @@ class KeyLifecycle:
             interval = rule.min_interval
         if not rule.min_interval <= interval <= rule.max_interval:
             low, high = rule.min_interval // 86_400, rule.max_interval // 86_400
-            raise InvalidParameter("RotationInterval", f"a {key.kind.value} key rotates "
-                                   f"every {low} to {high} days" if low != high else
-                                   f"a {key.kind.value} key rotates every {low} days")
+            every = f"{low} to {high} days" if low != high else f"{low} days"
+            label = key.kind.value.replace("_", " ")
+            raise InvalidParameter("RotationInterval", f"a {label} key rotates every {every}")
         return interval
 
     async def update_rotation_policy(self, principal: Principal, key_ref: str,
@@ -240,6 +246,17 @@ class KeyLifecycle:
         :raises InvalidImportToken: :raises ExpiredImportToken: :raises InvalidKeyMaterial:
         """
         key = await self._s.resolve(principal, key_ref)
+        async with self._material_lock(key.key_id):
+            # Read again under the lock: a concurrent import may have just finished.
+            key = await self._s.resolve(principal, key.key_id)
+            return await self._import(key, principal, encrypted=encrypted, token=token,
+                                      expire_unix=expire_unix)
+
+    def _material_lock(self, key_id: str) -> asyncio.Lock:
+        return self._material_locks.setdefault(key_id, asyncio.Lock())
+
+    async def _import(self, key: Key, principal: Principal, *, encrypted: bytes, token: str,
+                      expire_unix: int | None) -> Key:
         require_import(key, Op.IMPORT_KEY_MATERIAL, principal.kind)
         require_state(key.state, Op.IMPORT_KEY_MATERIAL)
         expire = None
@@ -278,9 +295,11 @@ class KeyLifecycle:
         """Forget imported material: the key waits in PendingImport for the same material
         (a PendingDeletion key keeps its state and DeleteDate)."""
         key = await self._s.resolve(principal, key_ref)
-        require_import(key, Op.DELETE_KEY_MATERIAL, principal.kind)
-        require_state(key.state, Op.DELETE_KEY_MATERIAL)
-        return await self._drop_material(key)
+        async with self._material_lock(key.key_id):
+            key = await self._s.resolve(principal, key.key_id)
+            require_import(key, Op.DELETE_KEY_MATERIAL, principal.kind)
+            require_state(key.state, Op.DELETE_KEY_MATERIAL)
+            return await self._drop_material(key)
 
     async def _drop_material(self, key: Key) -> Key:
         version = await self._s._version(key.primary_version_id)
@@ -396,7 +415,7 @@ class KeyLifecycle:
                                  addon=self._has_addon(settled))
             except UnsupportedOperation:
                 continue  # e.g. the account dropped the add-on: the policy waits.
-            version = await self._rotate(settled, _system(settled.account_id))
+            version = await self._rotate(settled, system_principal(settled.account_id))
             self._emit(SweepEvent("CreateKeyVersion", settled, version.version_id), events)
         return events
 

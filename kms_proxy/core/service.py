@@ -43,7 +43,7 @@ from kms_proxy.core.errors import (
     Unsupported,
     UnsupportedOperation,
 )
-from kms_proxy.core.lifecycle import KeyLifecycle, format_time
+from kms_proxy.core.lifecycle import KeyLifecycle, format_time, system_principal
 from kms_proxy.core.model import (
     Alias,
     CallInfo,
@@ -280,8 +280,7 @@ class KeyService:
         key_id = str(uuid.uuid4())
         version_id = str(uuid.uuid4())
         arn = f"acs:kms:{self.region}:{account_id}:key/{key_id}"
-        system = Principal(account_id=account_id, name="kms", kind=PrincipalKind.SERVICE,
-                           product="kms")
+        system = system_principal(account_id)
         material = b"" if imported else await self._backend(kind, None).generate(
             version_id=version_id, spec=KeySpec.AES_256,
             call=self._call(system, Op.CREATE_KEY, arn))

@@ -9,6 +9,7 @@ moves time forward.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -714,6 +715,19 @@ async def test_hardware_byok_in_the_token(build: Build, clock: Clock, pool: PKCS
     assert again.state is KeyState.ENABLED
     assert len(await pool.run(token_objects(LABEL=label))) == 1
     assert await decrypts(service, blob) == b"hardware byok"
+
+
+async def test_concurrent_imports_make_one_token_object(build: Build, pool: PKCS11Pool,
+                                                       hsm: HSMBackend) -> None:
+    service = (await build(hsm=hsm)).service
+    key = await create(service, origin=Origin.EXTERNAL, instance=HARDWARE_INSTANCE)
+    material = os.urandom(32)
+    first, second = await asyncio.gather(import_material(service, key.key_id, material),
+                                         import_material(service, key.key_id, material))
+    assert first.state is second.state is KeyState.ENABLED
+    assert len(await pool.run(token_objects(LABEL=key.primary_version_id))) == 1
+    blob = (await service.encrypt(USER, key.key_id, b"once", CONTEXT)).blob
+    assert open_independently(material, blob, CONTEXT) == b"once"
 
 
 async def test_hardware_byok_in_the_encrypted_database(build: Build, pool: PKCS11Pool,
