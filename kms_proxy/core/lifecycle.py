@@ -17,11 +17,11 @@ import hmac
 import json
 import uuid
 from base64 import b64decode, b64encode
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
-from kms_proxy.backends.base import BackupSealer
+from kms_proxy.backends.base import BackupSealer, KeyBackend
 from kms_proxy.core.byok import ImportParameters, ImportTokens, key_check_value
 from kms_proxy.core.capabilities import Op, require, require_import, require_rotation
 from kms_proxy.core.errors import (
@@ -37,6 +37,7 @@ from kms_proxy.core.errors import (
     UnsupportedOperation,
 )
 from kms_proxy.core.model import (
+    CallInfo,
     Key,
     KeyKind,
     KeySpec,
@@ -48,13 +49,10 @@ from kms_proxy.core.model import (
 )
 from kms_proxy.core.paging import Page, page
 from kms_proxy.core.states import require_state
-from kms_proxy.store.base import StoreConflict
+from kms_proxy.store.base import Store, StoreConflict
 
-if TYPE_CHECKING:
-    from kms_proxy.core.service import KeyService
-
-__all__ = ["KeyLifecycle", "SweepEvent", "format_time", "next_rotation", "parse_time",
-           "system_principal"]
+__all__ = ["KeyLifecycle", "ServiceCore", "SweepEvent", "format_time", "next_rotation",
+           "parse_time", "system_principal"]
 
 _TIME: Final = "%Y-%m-%dT%H:%M:%SZ"
 # Imported material sizes (reference section 2.5: 256 bits for AES-256, 128 for SM4).
@@ -88,11 +86,41 @@ class SweepEvent:
     version_id: str | None = None
 
 
+class ServiceCore(Protocol):
+    """What the lifecycle uses of its ``KeyService``: a friend's view of its internals (its
+    store and caches, backend choice, key resolution and the checks every action makes)."""
+
+    _store: Store
+    _backends: Mapping[KeyKind, KeyBackend]
+    _keys: dict[str, Key]
+    _versions: dict[str, KeyVersion]
+
+    @property
+    def region(self) -> str: ...
+
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
+
+    def _backend(self, kind: KeyKind, instance_id: str | None) -> KeyBackend: ...
+
+    def _call(self, principal: Principal, op: Op, key_arn: str) -> CallInfo: ...
+
+    async def _save(self, key: Key, versions: Sequence[KeyVersion] = ()) -> Key: ...
+
+    async def _version(self, version_id: str) -> KeyVersion | None: ...
+
+    async def _usable(self, principal: Principal, key_ref: str, op: Op) -> Key: ...
+
+    async def resolve(self, principal: Principal, key_ref: str) -> Key: ...
+
+
 class KeyLifecycle:
     """The lifecycle actions of one ``KeyService`` (``service.lifecycle``)."""
 
-    def __init__(self, service: KeyService) -> None:
+    def __init__(self, service: ServiceCore, *, rotation_addon: frozenset[str]) -> None:
+        """``rotation_addon``: the accounts with the paid rotation add-on."""
         self._s = service
+        self._rotation_addon = rotation_addon
         self._imports = ImportTokens(service.clock)
         # Told of everything done on a schedule, by the sweep or by a request that found it
         # due (the front audits each as done by KMS itself).
@@ -110,7 +138,7 @@ class KeyLifecycle:
     # -- versions and rotation ---------------------------------------------------------
 
     def _has_addon(self, key: Key) -> bool:
-        return key.account_id in self._s._config.rotation_addon
+        return key.account_id in self._rotation_addon
 
     async def list_key_versions(self, principal: Principal, key_ref: str, *,
                                 page_number: int, page_size: int) -> Page[KeyVersion]:

@@ -167,7 +167,7 @@ class KeyService:
         self._instance_backends: dict[str, KeyBackend] = {}
         self._instance_status: dict[str, Callable[[], str]] = {}
         self._service_key_locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self.lifecycle = KeyLifecycle(self)
+        self.lifecycle = KeyLifecycle(self, rotation_addon=config.rotation_addon)
 
     def attach_instance_backend(self, instance_id: str, backend: KeyBackend,
                                 status: Callable[[], str] | None = None) -> None:
