@@ -164,3 +164,11 @@ def test_a_service_principal_only_encrypts_for_the_account_and_reads(op: Op) -> 
     else:
         with pytest.raises(AccessDenied):
             require_principal(op, PrincipalKind.SERVICE, "acs:ram::1:service/oss")
+
+
+def test_every_action_is_an_op() -> None:
+    """The edge checks the principal's role with ``Op(action)`` before the handler runs: an
+    action without an Op would answer 500 instead of acting."""
+    from kms_proxy.api.actions import ACTIONS
+
+    assert set(ACTIONS) <= {op.value for op in Op}
