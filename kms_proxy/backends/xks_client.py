@@ -53,14 +53,19 @@ import re
 import ssl
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from types import MappingProxyType, SimpleNamespace
+from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 import aiohttp
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 
 from shared.sigv4 import Credential, Signer
 from shared.tls import client_context
@@ -202,18 +207,43 @@ class XKSConnection:
 # -- the client --------------------------------------------------------------------------
 
 
-async def _on_connection_reused(session: aiohttp.ClientSession, ctx: SimpleNamespace,
-                                params: aiohttp.TraceConnectionReuseconnParams) -> None:
-    attempt = ctx.trace_request_ctx
-    if isinstance(attempt, _Attempt):
-        attempt.reused = True
-
-
 @dataclass(slots=True)
 class _Attempt:
-    """What one request attempt learnt about its connection (set by tracing)."""
+    """What one request attempt learnt about its connection (set by the connector)."""
 
     reused: bool = False
+
+
+# The attempt being made by the current task: the connector marks it, the retry loop reads it.
+_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("xks_attempt", default=None)
+
+
+class _PoolConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` that tells the current attempt whether its connection came from
+    the keep-alive pool (a protocol it has handed out before).
+
+    aiohttp's tracing can say the same (``on_connection_reuseconn``), but a session with a
+    trace config builds and awaits every signal of every request: about 14% of the
+    client's CPU per call (a local TLS server, ``async with session.post``, 2 runs of
+    5 x 4000 calls: 118 vs 136 and 158 vs 181 µs).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def connect(self, req: ClientRequest, traces: list[Trace],
+                      timeout: aiohttp.ClientTimeout) -> Connection:  # noqa: ASYNC109 (aiohttp's)
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if protocol is not None:
+            attempt = _ATTEMPT.get()
+            if protocol in self._handed_out:
+                if attempt is not None:
+                    attempt.reused = True
+            else:
+                self._handed_out.add(protocol)
+        return connection
 
 
 class XKSClient:
@@ -248,13 +278,10 @@ class XKSClient:
             # The connector carries the pin, each request the verifying context (see the
             # module docstring for why both are needed).
             pin = aiohttp.Fingerprint(parse_fingerprint(conn.server_fingerprint_sha256))
-        connector = aiohttp.TCPConnector(ssl=pin, limit=self._limit,
-                                         limit_per_host=self._limit,
-                                         keepalive_timeout=self._keepalive)
-        tracing = aiohttp.TraceConfig()
-        tracing.on_connection_reuseconn.append(_on_connection_reused)
+        connector = _PoolConnector(ssl=pin, limit=self._limit, limit_per_host=self._limit,
+                                   keepalive_timeout=self._keepalive)
         self._session = aiohttp.ClientSession(
-            connector=connector, trace_configs=[tracing],
+            connector=connector,
             # One clock: the per-call asyncio.timeout. aiohttp's 5-minute default is off.
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_read=None,
                                           sock_connect=None),
@@ -396,10 +423,13 @@ class XKSClient:
         assert self._session is not None and self._ssl is not None
         headers = self._signer.sign(method="POST", url=url, body=data,
                                     headers=self._headers, credential=credential)
-        async with self._session.post(url, data=data, headers=headers, ssl=self._ssl,
-                                      allow_redirects=False,
-                                      trace_request_ctx=attempt) as response:
-            return response.status, await response.read()
+        token = _ATTEMPT.set(attempt)
+        try:
+            async with self._session.post(url, data=data, headers=headers, ssl=self._ssl,
+                                          allow_redirects=False) as response:
+                return response.status, await response.read()
+        finally:
+            _ATTEMPT.reset(token)
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -463,6 +463,87 @@ async def test_bad_encrypt_responses_are_refused(fake_proxy: FakeProxy, tls_file
                                           call=call())
 
 
+# -- keep-alive connections the proxy drops ------------------------------------------------
+
+_HEALTH = json.dumps({"xksProxyFleetSize": 1, "xksProxyVendor": "v", "xksProxyModel": "m",
+                      "ekmVendor": "e", "ekmFleetDetails": [
+                          {"id": "h1", "model": "m", "healthStatus": "ACTIVE"}]}).encode()
+
+
+class _DroppingProxy:
+    """A raw TLS HTTP/1.1 server that answers at most ``answers`` requests per connection and
+    then closes the connection when the next request arrives, without answering it: what a
+    client sees when it reuses a keep-alive connection the server has just timed out."""
+
+    def __init__(self, answers: int) -> None:
+        self.answers = answers
+        self.requests = 0
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answered = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                self.requests += 1
+                if answered == self.answers:
+                    break
+                answered += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(_HEALTH), _HEALTH))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def dropping_proxy(tls_files: TLSFiles) -> AsyncIterator[Callable[[int], Awaitable[
+        tuple[str, _DroppingProxy]]]]:
+    ctx = server_context(cert=tls_files.server_cert, key=tls_files.server_key,
+                         client_ca=tls_files.ca, require_client_cert=True)
+    servers: list[asyncio.Server] = []
+
+    async def start(answers: int) -> tuple[str, _DroppingProxy]:
+        proxy = _DroppingProxy(answers)
+        server = await asyncio.start_server(proxy.serve, "127.0.0.1", 0, ssl=ctx)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return f"https://127.0.0.1:{port}", proxy
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_pooled_connection_the_proxy_dropped_is_retried_once(
+        dropping_proxy: Callable[[int], Awaitable[tuple[str, _DroppingProxy]]],
+        tls_files: TLSFiles) -> None:
+    url, proxy = await dropping_proxy(1)
+    async with XKSClient(connection(url, tls_files)) as c:
+        assert (await c.health()).fleet_size == 1  # a fresh connection, answered
+        # The pooled connection is dropped on the next request: one retry, on a new one.
+        assert (await c.health()).fleet_size == 1
+    assert (proxy.connections, proxy.requests) == (2, 3)
+
+
+async def test_a_fresh_connection_the_proxy_dropped_is_not_retried(
+        dropping_proxy: Callable[[int], Awaitable[tuple[str, _DroppingProxy]]],
+        tls_files: TLSFiles) -> None:
+    url, proxy = await dropping_proxy(0)
+    async with XKSClient(connection(url, tls_files)) as c:
+        with pytest.raises(XKSUnavailable) as caught:
+            await c.health()
+    assert caught.value.kind is UnavailableKind.CONNECTION_LOST
+    assert (proxy.connections, proxy.requests) == (1, 1)
+
+
 # -- an EKM that hangs, stops and comes back (a real subprocess) ----------------------------
 
 
