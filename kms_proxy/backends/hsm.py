@@ -14,9 +14,19 @@ Two storage mechanisms (CreateKey ``KeyStorageMechanism``):
 
 Stored material records, self-describing by their prefix:
 
-- ``internal:<version id>``
-- ``wrapped:<RFC 5649 wrapped secret key>``
-- ``wrapped-pair:<uint16 length><SubjectPublicKeyInfo DER><RFC 5649 wrapped private key>``
+- ``internal:<version id>``: the token objects labelled with the record's own version id;
+- ``wrapped.v2:<tag><RFC 5649 wrapped secret key>``
+- ``wrapped-pair.v2:<tag><uint16 length><SubjectPublicKeyInfo DER><RFC 5649 wrapped private
+  key>``
+
+RFC 5649 proves that a blob is this token's, not whose it is: a blob moved from one version's
+row to another's would unwrap, and the second key would then use the first one's material
+(or, for a pair, encrypt to a public key someone else chose). So each wrapped record carries
+``tag``: HMAC-SHA256, computed in the token with a second token-resident key (the binding
+key, ``<wrapping label>.bind``), over the version id, the prefix and the rest of the record.
+The token checks it before it unwraps the blob or anything uses the public key, as the
+software backend binds the version id into its AES-GCM. Records from before the binding
+(``wrapped:``, ``wrapped-pair:``) are refused; accepting them would reopen the hole.
 
 Dispatch (inline on the event loop or on worker threads) is the pool's choice; this module
 works with either.
@@ -85,8 +95,12 @@ DIGEST_BYTES: Final = 32
 _WRAP_MECHANISM: Final = Mechanism.AES_KEY_WRAP_PAD
 
 _INTERNAL: Final = b"internal:"
-_WRAPPED: Final = b"wrapped:"
-_WRAPPED_PAIR: Final = b"wrapped-pair:"
+_WRAPPED: Final = b"wrapped.v2:"
+_WRAPPED_PAIR: Final = b"wrapped-pair.v2:"
+_UNBOUND: Final = (b"wrapped:", b"wrapped-pair:")
+_BINDING_CONTEXT: Final = b"kms-proxy hsm material v2|"
+_BINDING_MECHANISM: Final = Mechanism.SHA256_HMAC
+_TAG_BYTES: Final = 32
 
 _AES_BITS: Final[Mapping[KeySpec, int]] = MappingProxyType({
     KeySpec.AES_256: 256, KeySpec.AES_128: 128})
@@ -166,10 +180,14 @@ class _Material:
     ref: str = ""
     wrapped: bytes = b""
     spki: bytes = b""
+    # HsmEncryptedDatabase: the binding tag and the message it covers.
+    tag: bytes = b""
+    bound: bytes = b""
 
 
 class _MaterialUnreadable(HSMError):
-    """The wrapping key cannot unwrap a stored blob (another token's, or corrupted)."""
+    """The wrapping key cannot unwrap a stored blob (another token's, or corrupted), or its
+    binding tag is not this version's."""
 
 
 class _SessionKeys:
@@ -228,6 +246,8 @@ class HSMBackend:
         self._pool = pool
         self._wrap_label = wrapping_key_label
         self._wrap_id = wrapping_key_label.encode()
+        self._bind_label = f"{wrapping_key_label}.bind"
+        self._bind_id = self._bind_label.encode()
         self._session_cache_size = session_cache_size
         self._oaep_sha256_in_token = oaep_sha256_in_token
         # Per-session key caches: python-pkcs11 binds each object to the session that made
@@ -243,39 +263,30 @@ class HSMBackend:
     # -- set-up ------------------------------------------------------------------------------
 
     async def ensure_wrapping_key(self) -> bool:
-        """Create the token-resident AES-256 wrapping key unless it exists; whether it did.
+        """Create the token-resident AES-256 wrapping key unless it exists, and the binding
+        key (HMAC-SHA256) beside it unless that exists; whether the wrapping key was created.
 
-        :raises DependencyUnavailable: if the token fails, or a key with the label exists
-            but is not a sensitive, non-extractable wrap/unwrap key.
+        :raises DependencyUnavailable: if the token fails, or a key with either label exists
+            but is not a sensitive, non-extractable key for its one use.
         """
-        label, key_id = self._wrap_label, self._wrap_id
+        wrap_label, wrap_id = self._wrap_label, self._wrap_id
+        bind_label, bind_id = self._bind_label, self._bind_id
 
-        def ensure(ctx: SessionContext) -> bool:
-            found = list(ctx.session.get_objects({
-                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label,
-                Attribute.TOKEN: True}))
-            if len(found) > 1:
-                raise DependencyUnavailable("hsm", f"{len(found)} wrapping keys are "
-                                                   f"labelled {label!r}")
-            if found:
-                key = found[0]
-                if not (key[Attribute.WRAP] and key[Attribute.UNWRAP]
-                        and key[Attribute.SENSITIVE] and not key[Attribute.EXTRACTABLE]
-                        and key[Attribute.ID] == key_id):
-                    raise DependencyUnavailable(
-                        "hsm", f"the key labelled {label!r} is not a sensitive, "
-                               "non-extractable wrapping key")
-                return False
-            ctx.session.generate_key(
-                KeyType.AES, 256, label=label, id=key_id, store=True,
-                capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
-                template=dict(_SENSITIVE))
-            return True
+        def ensure(ctx: SessionContext) -> tuple[bool, bool]:
+            created_wrap = _ensure_token_key(
+                ctx, wrap_label, wrap_id, KeyType.AES, MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                (Attribute.WRAP, Attribute.UNWRAP), "wrapping key")
+            created_bind = _ensure_token_key(
+                ctx, bind_label, bind_id, KeyType.GENERIC_SECRET,
+                MechanismFlag.SIGN | MechanismFlag.VERIFY, (Attribute.SIGN, Attribute.VERIFY),
+                "binding key")
+            return created_wrap, created_bind
 
-        created = await self._run(ensure)
-        if created:
-            log.info("created the wrapping key %r in token %r", label, self._pool.token_label)
-        return created
+        created_wrap, created_bind = await self._run(ensure)
+        for created, label in ((created_wrap, wrap_label), (created_bind, bind_label)):
+            if created:
+                log.info("created the key %r in token %r", label, self._pool.token_label)
+        return created_wrap
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -329,6 +340,9 @@ class HSMBackend:
         if cached is not None:
             return cached
         owned = material.storage is KeyStorageMechanism.HSM_ENCRYPTED_DATABASE
+        if owned:
+            # Before the blob is unwrapped or its public key trusted.
+            self._check_binding(ctx, version_id, material)
         if not owned:
             obj = _find_token_key(ctx, material.ref, role)
         elif role is _Role.SECRET:
@@ -341,6 +355,19 @@ class HSMBackend:
             obj = ctx.session.create_object(_public_attributes(material.spki, spec))
         keys.put((version_id, role), obj, owned=owned)
         return obj
+
+    def _binding_tag(self, ctx: SessionContext, message: bytes) -> bytes:
+        bind = ctx.secret_key(self._bind_label, self._bind_id)
+        return bytes(bind.sign(message, mechanism=_BINDING_MECHANISM))
+
+    def _check_binding(self, ctx: SessionContext, version_id: str, material: _Material) -> None:
+        """Refuse a wrapped record whose tag is not this version's (the token compares)."""
+        bind = ctx.secret_key(self._bind_label, self._bind_id)
+        if not bind.verify(material.bound, material.tag, mechanism=_BINDING_MECHANISM):
+            log.error("key version %s: the stored material's binding tag does not verify "
+                      "(moved from another version, altered, or another token's)", version_id)
+            raise _MaterialUnreadable("the stored key material is not this key version's in "
+                                      "this token (its binding tag does not verify)")
 
     def _unwrap(self, ctx: SessionContext, object_class: ObjectClass, key_type: KeyType,
                 wrapped: bytes, version_id: str, *, template: dict[Attribute, Any]) -> Any:
@@ -369,22 +396,33 @@ class HSMBackend:
             raise UnsupportedOperation(f"the hsm backend cannot hold {spec} keys")
         raw = version.material
         symmetric = spec in _AES_BITS
-        if raw.startswith(_INTERNAL) and len(raw) > len(_INTERNAL):
+        if raw.startswith(_INTERNAL):
             try:
                 ref = raw[len(_INTERNAL):].decode("ascii")
             except UnicodeDecodeError:
                 ref = ""
-            if ref:
+            # The objects are labelled with the version's own id: a record naming another
+            # version's objects is not this version's.
+            if ref and ref == version.version_id:
                 return _Material(KeyStorageMechanism.HSM_INTERNAL, ref=ref)
         elif raw.startswith(_WRAPPED) and symmetric:
-            return _Material(KeyStorageMechanism.HSM_ENCRYPTED_DATABASE,
-                             wrapped=raw[len(_WRAPPED):])
+            tag, wrapped = _split_tag(raw[len(_WRAPPED):])
+            if wrapped:
+                return _Material(KeyStorageMechanism.HSM_ENCRYPTED_DATABASE, wrapped=wrapped,
+                                 tag=tag, bound=_binding_message(version.version_id, _WRAPPED,
+                                                                 wrapped))
         elif raw.startswith(_WRAPPED_PAIR) and not symmetric:
-            body = raw[len(_WRAPPED_PAIR):]
+            tag, body = _split_tag(raw[len(_WRAPPED_PAIR):])
             length = int.from_bytes(body[:2], "big")
             if len(body) > 2 + length:
                 return _Material(KeyStorageMechanism.HSM_ENCRYPTED_DATABASE,
-                                 spki=body[2:2 + length], wrapped=body[2 + length:])
+                                 spki=body[2:2 + length], wrapped=body[2 + length:], tag=tag,
+                                 bound=_binding_message(version.version_id, _WRAPPED_PAIR,
+                                                        body))
+        elif raw.startswith(_UNBOUND):
+            raise DependencyUnavailable(
+                "hsm", f"key version {version.version_id} holds HsmEncryptedDatabase material "
+                       "from before records were bound to their version; it is refused")
         raise DependencyUnavailable("hsm", f"key version {version.version_id} has no "
                                            f"usable {spec} material record")
 
@@ -408,34 +446,47 @@ class HSMBackend:
             await self._run(lambda ctx: _generate_internal(ctx, version_id, spec))
             return _INTERNAL + version_id.encode("ascii")
         if spec in _AES_BITS:
-            return _WRAPPED + await self._run(self._generate_wrapped_secret(spec))
-        spki, wrapped = await self._run(self._generate_wrapped_pair(spec))
-        return _WRAPPED_PAIR + len(spki).to_bytes(2, "big") + spki + wrapped
+            return await self._run(self._generate_wrapped_secret(version_id, spec))
+        return await self._run(self._generate_wrapped_pair(version_id, spec))
 
-    def _generate_wrapped_secret(self, spec: KeySpec) -> Callable[[SessionContext], bytes]:
+    def _bound_record(self, ctx: SessionContext, version_id: str, prefix: bytes,
+                      body: bytes) -> bytes:
+        """``prefix || tag || body``, the tag binding the record to ``version_id``."""
+        tag = self._binding_tag(ctx, _binding_message(version_id, prefix, body))
+        return prefix + tag + body
+
+    def _wrap(self, ctx: SessionContext, version_id: str, key: Any) -> bytes:
+        """A session key wrapped into a bound ``wrapped.v2:`` record."""
+        wrapping = ctx.secret_key(self._wrap_label, self._wrap_id)
+        wrapped = bytes(wrapping.wrap_key(key, mechanism=_WRAP_MECHANISM))
+        return self._bound_record(ctx, version_id, _WRAPPED, wrapped)
+
+    def _generate_wrapped_secret(self, version_id: str,
+                                 spec: KeySpec) -> Callable[[SessionContext], bytes]:
         def make(ctx: SessionContext) -> bytes:
-            wrapping = ctx.secret_key(self._wrap_label, self._wrap_id)
             key = ctx.session.generate_key(
                 KeyType.AES, _AES_BITS[spec], store=False,
                 capabilities=_CAPABILITIES[KeyType.AES], template=dict(_WRAPPABLE))
             try:
-                return bytes(wrapping.wrap_key(key, mechanism=_WRAP_MECHANISM))
+                return self._wrap(ctx, version_id, key)
             finally:
                 key.destroy()
         return make
 
-    def _generate_wrapped_pair(self, spec: KeySpec
-                               ) -> Callable[[SessionContext], tuple[bytes, bytes]]:
-        def make(ctx: SessionContext) -> tuple[bytes, bytes]:
+    def _generate_wrapped_pair(self, version_id: str,
+                               spec: KeySpec) -> Callable[[SessionContext], bytes]:
+        def make(ctx: SessionContext) -> bytes:
             wrapping = ctx.secret_key(self._wrap_label, self._wrap_id)
             public, private = _generate_pair(ctx, spec, store=False,
                                              private_template=dict(_WRAPPABLE))
             try:
                 spki = _spki(public)
-                return spki, bytes(wrapping.wrap_key(private, mechanism=_WRAP_MECHANISM))
+                wrapped = bytes(wrapping.wrap_key(private, mechanism=_WRAP_MECHANISM))
             finally:
                 private.destroy()
                 public.destroy()
+            body = len(spki).to_bytes(2, "big") + spki + wrapped
+            return self._bound_record(ctx, version_id, _WRAPPED_PAIR, body)
         return make
 
     # -- imported material and destruction ----------------------------------------------------
@@ -465,8 +516,7 @@ class HSMBackend:
             if internal:
                 return _INTERNAL + version_id.encode("ascii")
             try:
-                wrapping = ctx.secret_key(self._wrap_label, self._wrap_id)
-                return _WRAPPED + bytes(wrapping.wrap_key(key, mechanism=_WRAP_MECHANISM))
+                return self._wrap(ctx, version_id, key)
             finally:
                 key.destroy()
 
@@ -674,7 +724,9 @@ class HSMBackend:
             self._public.move_to_end(version.version_id)
             return cached
         spki = material.spki
-        if not spki:
+        if spki:
+            await self._run(lambda ctx: self._check_binding(ctx, version.version_id, material))
+        else:
             def read(ctx: SessionContext) -> bytes:
                 return _spki(self._key(ctx, version.version_id, material, spec, _Role.PUBLIC))
             spki = await self._run(read)
@@ -698,6 +750,43 @@ def _key_type(spec: KeySpec) -> KeyType:
 _ROLE_CLASS: Final[Mapping[_Role, ObjectClass]] = MappingProxyType({
     _Role.SECRET: ObjectClass.SECRET_KEY, _Role.PRIVATE: ObjectClass.PRIVATE_KEY,
     _Role.PUBLIC: ObjectClass.PUBLIC_KEY})
+
+
+def _ensure_token_key(ctx: SessionContext, label: str, key_id: bytes, key_type: KeyType,
+                      capabilities: MechanismFlag, needed: tuple[Attribute, ...],
+                      what: str) -> bool:
+    """Create a sensitive, non-extractable token key unless one with ``label`` exists; refuse
+    one that exists but is unfit. Whether it was created."""
+    found = list(ctx.session.get_objects({
+        Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label,
+        Attribute.TOKEN: True}))
+    if len(found) > 1:
+        raise DependencyUnavailable("hsm", f"{len(found)} keys are labelled {label!r}")
+    if found:
+        key = found[0]
+        if not (all(key[a] for a in needed) and key[Attribute.SENSITIVE]
+                and not key[Attribute.EXTRACTABLE] and key[Attribute.ID] == key_id
+                and key[Attribute.KEY_TYPE] == key_type):
+            raise DependencyUnavailable(
+                "hsm", f"the key labelled {label!r} is not a sensitive, non-extractable "
+                       f"{what}")
+        return False
+    ctx.session.generate_key(key_type, 256, label=label, id=key_id, store=True,
+                             capabilities=capabilities, template=dict(_SENSITIVE))
+    return True
+
+
+def _split_tag(body: bytes) -> tuple[bytes, bytes]:
+    """A bound record's tag and the rest (empty when too short to hold a tag)."""
+    if len(body) <= _TAG_BYTES:
+        return b"", b""
+    return body[:_TAG_BYTES], body[_TAG_BYTES:]
+
+
+def _binding_message(version_id: str, prefix: bytes, body: bytes) -> bytes:
+    """What a record's tag covers: a context string, the version id, the record's prefix and
+    everything after the tag."""
+    return _BINDING_CONTEXT + version_id.encode() + b"|" + prefix + body
 
 
 def _find_token_key(ctx: SessionContext, ref: str, role: _Role) -> Any:

@@ -326,9 +326,9 @@ async def test_encrypted_database_keeps_only_a_wrapped_blob(
         await backend.ensure_wrapping_key()
         version = await new_version(backend, spec, DATABASE)
         key_bytes = 32 if spec is KeySpec.AES_256 else 16
-        assert version.material.startswith(b"wrapped:")
-        # RFC 5649: the key plus one 8-byte integrity block, nothing else.
-        assert len(version.material) == len(b"wrapped:") + key_bytes + 8
+        assert version.material.startswith(b"wrapped.v2:")
+        # The 32-byte binding tag, then RFC 5649: the key plus one 8-byte integrity block.
+        assert len(version.material) == len(b"wrapped.v2:") + 32 + key_bytes + 8
         sealed = await backend.seal(version, spec, b"plaintext", b"aad", call=CALL)
         assert await backend.unseal(version, spec, sealed, b"aad", call=CALL) == b"plaintext"
 
@@ -353,9 +353,9 @@ async def test_encrypted_database_keeps_only_a_wrapped_blob(
         # Another token, with its own wrapping key, cannot unwrap the blob.
         stranger = HSMBackend(other_pool, wrapping_key_label=WRAP_LABEL)
         assert await stranger.ensure_wrapping_key()
-        with pytest.raises(DependencyUnavailable, match="does not unwrap"):
+        with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
             await stranger.unseal(version, spec, sealed, b"aad", call=CALL)
-        with pytest.raises(DependencyUnavailable, match="does not unwrap"):
+        with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
             await stranger.seal(version, spec, b"x", b"", call=CALL)
 
 
@@ -363,8 +363,8 @@ async def test_encrypted_database_keeps_only_a_wrapped_blob(
 async def test_encrypted_database_pairs_keep_a_wrapped_private_key(
         pool: PKCS11Pool, backend: HSMBackend, spec: KeySpec) -> None:
     version = await new_version(backend, spec, DATABASE)
-    assert version.material.startswith(b"wrapped-pair:")
-    body = version.material[len(b"wrapped-pair:"):]
+    assert version.material.startswith(b"wrapped-pair.v2:")
+    body = version.material[len(b"wrapped-pair.v2:") + 32:]
     length = int.from_bytes(body[:2], "big")
     stored_public = serialization.load_der_public_key(body[2:2 + length])
     pem = await backend.public_key_pem(version, spec)
@@ -403,6 +403,123 @@ async def test_corrupt_stored_material_is_a_dependency_fault(backend: HSMBackend
     with pytest.raises(DependencyUnavailable):
         await backend.seal(missing, spec, b"x", b"", call=CALL)
     assert await backend.unseal(version, spec, sealed, b"", call=CALL) == b"x"
+
+
+# -- records are bound to their version -------------------------------------------------------
+
+
+async def test_a_wrapped_record_moved_to_another_version_is_refused(
+        backend: HSMBackend) -> None:
+    spec = KeySpec.AES_256
+    first, second = [await new_version(backend, spec, DATABASE) for _ in range(2)]
+    sealed = await backend.seal(first, spec, b"first's data", b"", call=CALL)
+    # The second key's row now holds the first's blob (its tag and all): RFC 5649 alone would
+    # unwrap it, and the second key would decrypt the first one's ciphertexts.
+    moved = replace(second, material=first.material)
+    with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
+        await backend.unseal(moved, spec, sealed, b"", call=CALL)
+    with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
+        await backend.seal(moved, spec, b"x", b"", call=CALL)
+    # A tag moved alone does not help either.
+    tag = slice(len(b"wrapped.v2:"), len(b"wrapped.v2:") + 32)
+    grafted = bytearray(first.material)
+    grafted[tag] = second.material[tag]
+    with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
+        await backend.seal(replace(first, version_id=str(uuid.uuid4()),
+                                   material=bytes(grafted)), spec, b"x", b"", call=CALL)
+    # Both keys still work from their own records.
+    assert await backend.unseal(first, spec, sealed, b"", call=CALL) == b"first's data"
+    assert await backend.unseal(second, spec, await backend.seal(second, spec, b"y", b"",
+                                                                  call=CALL),
+                                b"", call=CALL) == b"y"
+
+
+async def test_a_pair_record_moved_or_with_another_public_key_is_refused(
+        backend: HSMBackend) -> None:
+    spec = KeySpec.RSA_2048
+    first, second = [await new_version(backend, spec, DATABASE) for _ in range(2)]
+    moved = replace(second, material=first.material)
+    # The public key is checked too: otherwise AsymmetricEncrypt would encrypt to a key
+    # whoever wrote the row chose.
+    body_at = len(b"wrapped-pair.v2:") + 32
+    length = int.from_bytes(first.material[body_at:body_at + 2], "big")
+    foreign = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    foreign_spki = foreign.public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert len(foreign_spki) == length
+    swapped_public = replace(first, material=(
+        first.material[:body_at + 2] + foreign_spki + first.material[body_at + 2 + length:]))
+    for bad in (moved, swapped_public):
+        with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
+            await backend.public_key_pem(bad, spec)
+        with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
+            await backend.asymmetric_encrypt(bad, spec, "RSAES_OAEP_SHA_256", b"secret")
+        with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
+            await backend.sign(bad, spec, "RSA_PSS_SHA_256", bytes(32))
+    await backend.sign(first, spec, "RSA_PSS_SHA_256", bytes(32))
+
+
+async def test_unbound_and_misdirected_records_are_refused(backend: HSMBackend) -> None:
+    spec = KeySpec.AES_256
+    version = await new_version(backend, spec, DATABASE)
+    # A record in the format from before the binding: the same blob, without its tag.
+    blob = version.material[len(b"wrapped.v2:") + 32:]
+    with pytest.raises(DependencyUnavailable, match="before records were bound"):
+        await backend.seal(replace(version, material=b"wrapped:" + blob), spec, b"x", b"",
+                           call=CALL)
+    # An HsmInternal record naming another version's token objects.
+    other = await new_version(backend, spec, INTERNAL)
+    with pytest.raises(DependencyUnavailable, match="no usable"):
+        await backend.seal(replace(version, material=other.material), spec, b"x", b"",
+                           call=CALL)
+    # A record too short to hold its tag.
+    with pytest.raises(DependencyUnavailable, match="no usable"):
+        await backend.seal(replace(version, material=b"wrapped.v2:" + bytes(32)), spec, b"x",
+                           b"", call=CALL)
+
+
+async def test_the_binding_key(pool: PKCS11Pool, backend: HSMBackend) -> None:
+    label = f"{WRAP_LABEL}.bind"
+
+    def facts(ctx: SessionContext) -> tuple[Any, ...]:
+        key = ctx.secret_key(label, label.encode())
+        with pytest.raises(p11e.AttributeSensitive):
+            key[Attribute.VALUE]
+        return tuple(key[a] for a in (Attribute.SIGN, Attribute.VERIFY, Attribute.SENSITIVE,
+                                      Attribute.EXTRACTABLE, Attribute.TOKEN,
+                                      Attribute.ENCRYPT, Attribute.WRAP, Attribute.KEY_TYPE))
+
+    assert await pool.run(facts) == (True, True, True, False, True, False, False,
+                                     KeyType.GENERIC_SECRET)
+
+
+async def test_a_token_from_before_the_binding_gets_its_binding_key(pool: PKCS11Pool) -> None:
+    # A token that has a wrapping key only, as older versions left it.
+    def plant(ctx: SessionContext) -> None:
+        ctx.session.generate_key(KeyType.AES, 256, label="old", id=b"old", store=True,
+                                 capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                                 template={Attribute.SENSITIVE: True,
+                                           Attribute.EXTRACTABLE: False})
+
+    await pool.run(plant)
+    backend = HSMBackend(pool, wrapping_key_label="old")
+    assert await backend.ensure_wrapping_key() is False  # the wrapping key was there
+    assert len(await pool.run(token_objects(LABEL="old.bind"))) == 1
+    version = await new_version(backend, KeySpec.AES_256, DATABASE)
+    sealed = await backend.seal(version, KeySpec.AES_256, b"x", b"", call=CALL)
+    assert await backend.unseal(version, KeySpec.AES_256, sealed, b"", call=CALL) == b"x"
+
+
+async def test_an_unfit_binding_key_is_refused(pool: PKCS11Pool) -> None:
+    def plant(ctx: SessionContext) -> None:
+        ctx.session.generate_key(KeyType.GENERIC_SECRET, 256, label="weak2.bind",
+                                 id=b"weak2.bind", store=True,
+                                 capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                                 template={Attribute.EXTRACTABLE: True})
+
+    await pool.run(plant)
+    with pytest.raises(DependencyUnavailable, match="not a sensitive, non-extractable binding"):
+        await HSMBackend(pool, wrapping_key_label="weak2").ensure_wrapping_key()
 
 
 # -- generation and set-up ---------------------------------------------------------------------

@@ -386,7 +386,7 @@ async def test_hardware_rotation_only_symmetric_in_the_encrypted_database(
     blob1 = (await service.encrypt(USER, db_key.key_id, b"one", CONTEXT)).blob
 
     second = await service.lifecycle.create_key_version(USER, db_key.key_id)
-    assert second.material.startswith(b"wrapped:")
+    assert second.material.startswith(b"wrapped.v2:")
     assert (await service.describe_key(USER, db_key.key_id)).primary_version_id == \
         second.version_id
     blob2 = (await service.encrypt(USER, db_key.key_id, b"two", CONTEXT)).blob
@@ -742,8 +742,9 @@ async def test_hardware_byok_in_the_encrypted_database(build: Build, pool: PKCS1
     imported = await import_material(service, key.key_id, material)
     assert imported.state is KeyState.ENABLED
     stored = (await env.store.list_versions(key.key_id))[0].material
-    assert stored.startswith(b"wrapped:")
-    assert len(stored) == len(b"wrapped:") + 16 + 8  # RFC 5649: the key and one block
+    assert stored.startswith(b"wrapped.v2:")
+    # The binding tag, then RFC 5649: the key and one block.
+    assert len(stored) == len(b"wrapped.v2:") + 32 + 16 + 8
     assert material not in stored
     assert await pool.run(token_objects(LABEL=key.primary_version_id)) == []
 
