@@ -340,19 +340,20 @@ class HSMBackend:
         if cached is not None:
             return cached
         owned = material.storage is KeyStorageMechanism.HSM_ENCRYPTED_DATABASE
-        if owned:
-            # Before the blob is unwrapped or its public key trusted.
-            self._check_binding(ctx, version_id, material)
         if not owned:
             obj = _find_token_key(ctx, material.ref, role)
-        elif role is _Role.SECRET:
-            obj = self._unwrap(ctx, ObjectClass.SECRET_KEY, KeyType.AES, material.wrapped,
-                               version_id, template=dict(_SENSITIVE))
-        elif role is _Role.PRIVATE:
-            obj = self._unwrap(ctx, ObjectClass.PRIVATE_KEY, _key_type(spec), material.wrapped,
-                               version_id, template={**_SENSITIVE, **_NOT_FOR_PRIVATE})
         else:
-            obj = ctx.session.create_object(_public_attributes(material.spki, spec))
+            # Before the blob is unwrapped or its public key trusted.
+            self._check_binding(ctx, version_id, material)
+            if role is _Role.SECRET:
+                obj = self._unwrap(ctx, ObjectClass.SECRET_KEY, KeyType.AES, material.wrapped,
+                                   version_id, template=dict(_SENSITIVE))
+            elif role is _Role.PRIVATE:
+                obj = self._unwrap(ctx, ObjectClass.PRIVATE_KEY, _key_type(spec),
+                                   material.wrapped, version_id,
+                                   template={**_SENSITIVE, **_NOT_FOR_PRIVATE})
+            else:
+                obj = ctx.session.create_object(_public_attributes(material.spki, spec))
         keys.put((version_id, role), obj, owned=owned)
         return obj
 
