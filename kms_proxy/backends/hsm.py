@@ -526,7 +526,13 @@ class HSMBackend:
     async def destroy(self, version: KeyVersion, spec: KeySpec) -> None:
         """Delete a version's token objects (HsmInternal) and make every session drop its
         cached handles and unwrapped copies."""
-        material = self._material(version, spec) if version.material else None
+        try:
+            material = self._material(version, spec) if version.material else None
+        except DependencyUnavailable:
+            # A record this backend refuses to use (unbound, or naming another version's
+            # objects) names no token objects of this version: nothing to delete, and the
+            # version's deletion must not stall on it.
+            material = None
         with self._sessions_lock:
             for keys in self._sessions.values():
                 keys.stale = True

@@ -476,6 +476,12 @@ async def test_unbound_and_misdirected_records_are_refused(backend: HSMBackend) 
     with pytest.raises(DependencyUnavailable, match="no usable"):
         await backend.seal(replace(version, material=b"wrapped.v2:" + bytes(32)), spec, b"x",
                            b"", call=CALL)
+    # Destroying a version whose record is refused does not stall, and does not touch the
+    # token objects its record names.
+    await backend.destroy(replace(version, material=b"wrapped:" + blob), spec)
+    await backend.destroy(replace(version, material=other.material), spec)
+    sealed = await backend.seal(other, spec, b"still here", b"", call=CALL)
+    assert await backend.unseal(other, spec, sealed, b"", call=CALL) == b"still here"
 
 
 async def test_the_binding_key(pool: PKCS11Pool, backend: HSMBackend) -> None:
