@@ -8,7 +8,10 @@ file names), also on errors and on SIGTERM / ^C.
 What is measured, in every repetition (``--runs``, medians reported):
 
 - ``health``: ``GET /health`` on the same front: TLS + aiohttp, no signature, no crypto. It
-  is the ceiling every Encrypt figure is compared with (``xceil``, same repetition);
+  is the ceiling every Encrypt figure is compared with (``xceil``). A shared VM's speed can
+  drift within a minute, so with ``--bracket S`` (default 3 s; 0 = off) a short ``/health``
+  window also runs right after each closed-loop kind, and ``xceil`` divides by the mean of
+  the ceilings just before and just after it; ``drift`` is after / before (1.00 = steady);
 - ``software``, ``hardware``, ``external``: ``Encrypt`` with a key created (through the
   official SDK) in the software instance, the hardware instance (``HsmInternal``, SoftHSM2)
   and the external instance (XKI to the EKM simulator: every Encrypt is an XKS call);
@@ -417,7 +420,8 @@ class RunResult(loadgen.Figures):
     exhausted: bool
     sign_seconds: float
     window_s: float
-    xceil: float | None = None  # ops_s / the /health ops_s of the same repetition
+    xceil: float | None = None  # ops_s / the /health ceiling around it (see --bracket)
+    drift: float | None = None  # that ceiling just after the run / just before it
 
 
 class Profiler:
@@ -594,7 +598,8 @@ TABLE: Final = loadgen.Table(
         ("fsys%", "front_sys_pct", 6, 0),
         ("ekm%", "ekm_cpu_pct", 6, 0), ("other%", "other_cpu_pct", 7, 0),
         ("gen_us", "gen_us", 7, 0), ("front_us", "front_us", 9, 0), ("ekm_us", "ekm_us", 7, 0),
-        ("lag99", "lag_p99_ms", 8, 2), ("xceil", "xceil", 6, 2), ("signed", "signed", 8, 0),
+        ("lag99", "lag_p99_ms", 8, 2), ("xceil", "xceil", 6, 2), ("drift", "drift", 6, 2),
+        ("signed", "signed", 8, 0),
         ("used", "used", 8, 0)),
     label_title="kind run", label_width=18, dash_if_zero=frozenset({"signed"}))
 
@@ -629,6 +634,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", default=f"{TARGET_OPS['external']:g}",
                    help="open-loop runs at these ops/s on a fixed schedule, comma-separated "
                         "(default %(default)s; 0 = none)")
+    p.add_argument("--bracket", type=float, default=3.0,
+                   help="seconds of /health measured right after each closed-loop kind, so "
+                        "xceil uses the ceiling around the run (0 = only the one before)")
     p.add_argument("--rate-kinds", default="external",
                    help="comma-separated key kinds to run at --rate (default external)")
     p.add_argument("--ekm-request-log", choices=("dev", "off"), default="dev",
@@ -663,6 +671,8 @@ def _check(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
         rates = [float(r) for r in args.rate.split(",") if r.strip()]
     except ValueError:
         p.error("--rate must be numbers, comma-separated")
+    if not 0 <= args.bracket <= 60:
+        p.error("--bracket must be 0-60 seconds")
     if any(not 0 <= r <= 1e6 for r in rates) or args.py_spy_rate < 1:
         p.error("--rate must be 0-1e6 and --py-spy-rate >= 1")
     args.rates = [r for r in rates if r > 0]
@@ -747,11 +757,31 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
     runs: dict[str, list[RunResult]] = {job.label: [] for job in jobs}
     noisy = 0
     total_sent = 0
+    health_job = next((j for j in jobs if j.kind == "health"), None)
+    bracket_opts = replace(opts, duration=args.bracket, warmup=min(opts.warmup, 1.0))
     for rep in range(args.runs):
         ceiling: float | None = None
         for job in jobs:
             try:
                 result = measure_once(stack, job, opts, ceiling, f"{job.label} {rep + 1}")
+                if (args.bracket and health_job is not None and ceiling
+                        and job.kind != "health" and not job.rate):
+                    # The ceiling again, right after: the mean of the two is what this
+                    # run is compared with, and their ratio shows how much the VM drifted.
+                    bracket = measure_once(stack, health_job, bracket_opts, None,
+                                           f"  (health after {job.label} {rep + 1})")
+                    if loadgen.noisy(bracket):
+                        # A disturbed ceiling would skew the ratio: keep the one before.
+                        print(f"  {job.label} {rep + 1}: the ceiling after it was disturbed; "
+                              "xceil uses the one before only", flush=True)
+                    else:
+                        after = bracket.ops_s
+                        result = replace(result, xceil=result.ops_s / ((ceiling + after) / 2),
+                                         drift=after / ceiling)
+                        print(f"  {job.label} {rep + 1}: xceil {result.xceil:.2f} against the "
+                              f"ceiling around it ({ceiling:.0f}/s before, {after:.0f}/s "
+                              f"after, drift {result.drift:.2f})", flush=True)
+                        ceiling = after
             except StackDied as exc:
                 print(f"  ! {exc}", file=sys.stderr, flush=True)
                 return {"failed": str(exc), "results": {k: median_result(v)
