@@ -35,7 +35,9 @@ ACCESS_KEY_ID_PATTERN: Final = re.compile(r"[A-Z2-7]{20,30}")
 SECRET_PATTERN: Final = re.compile(r"[a-zA-Z0-9/+=]{43,64}")
 # YYYYMMDD'T'HHMMSS'Z', checked by this pattern and parsed by fromisoformat (0.25 µs against
 # strptime's 8.5 µs); fromisoformat alone would also take other ISO 8601 forms.
-_AMZ_DATE: Final = re.compile(r"[0-9]{8}T[0-9]{6}Z")
+# ISO 8601 allows 24:00:00 for the end of a day, which a fromisoformat following it reads as
+# the next midnight; SigV4 dates never use it, so the pattern refuses hour 24.
+_AMZ_DATE: Final = re.compile(r"[0-9]{8}T(?:[01][0-9]|2[0-3])[0-9]{4}Z")
 _AUTH_HEADER: Final = re.compile(
     r"AWS4-HMAC-SHA256\s+Credential=(?P<credential>[^,\s]+),\s*"
     r"SignedHeaders=(?P<signed>[^,\s]+),\s*Signature=(?P<signature>[0-9a-fA-F]{64})\s*"

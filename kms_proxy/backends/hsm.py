@@ -524,25 +524,22 @@ class HSMBackend:
         return await self._run(create)
 
     async def destroy(self, version: KeyVersion, spec: KeySpec) -> None:
-        """Delete a version's token objects (HsmInternal) and make every session drop its
-        cached handles and unwrapped copies."""
-        try:
-            material = self._material(version, spec) if version.material else None
-        except DependencyUnavailable:
-            # A record this backend refuses to use (unbound, or naming another version's
-            # objects) names no token objects of this version: nothing to delete, and the
-            # version's deletion must not stall on it.
-            material = None
+        """Delete a version's token objects and make every session drop its cached handles
+        and unwrapped copies.
+
+        HsmInternal objects are labelled with their own version id, so they are found by
+        that id, not by what the stored record says: a record altered to name another
+        version's objects must neither keep this version's objects alive nor delete the
+        other's. A wrapped version has no token objects and the search finds none.
+        """
         with self._sessions_lock:
             for keys in self._sessions.values():
                 keys.stale = True
         self._public.pop(version.version_id, None)
-        if material is None or material.storage is not KeyStorageMechanism.HSM_INTERNAL:
-            return
-        ref = material.ref
+        label = version.version_id
 
         def delete(ctx: SessionContext) -> None:
-            for obj in list(ctx.session.get_objects({Attribute.LABEL: ref,
+            for obj in list(ctx.session.get_objects({Attribute.LABEL: label,
                                                      Attribute.TOKEN: True})):
                 obj.destroy()
 

@@ -350,7 +350,8 @@ async def test_encrypted_database_keeps_only_a_wrapped_blob(
         logged = [r.getMessage().encode() for r in caplog.records]
         _assert_no_window_opens(sealed, b"aad", [version.material, *logged])
 
-        # Another token, with its own wrapping key, cannot unwrap the blob.
+        # Another token, with its own wrapping and binding keys, refuses the record: the tag
+        # does not verify there, so the blob is never unwrapped.
         stranger = HSMBackend(other_pool, wrapping_key_label=WRAP_LABEL)
         assert await stranger.ensure_wrapping_key()
         with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
@@ -409,12 +410,15 @@ async def test_corrupt_stored_material_is_a_dependency_fault(backend: HSMBackend
 
 
 async def test_a_wrapped_record_moved_to_another_version_is_refused(
-        backend: HSMBackend) -> None:
+        pool: PKCS11Pool, backend: HSMBackend) -> None:
     spec = KeySpec.AES_256
     first, second = [await new_version(backend, spec, DATABASE) for _ in range(2)]
     sealed = await backend.seal(first, spec, b"first's data", b"", call=CALL)
+    await backend.seal(second, spec, b"used once", b"", call=CALL)
     # The second key's row now holds the first's blob (its tag and all): RFC 5649 alone would
-    # unwrap it, and the second key would decrypt the first one's ciphertexts.
+    # unwrap it, and the second key would decrypt the first one's ciphertexts. A fresh
+    # backend has no session copy of the second key to fall back on.
+    backend = HSMBackend(pool, wrapping_key_label=WRAP_LABEL)
     moved = replace(second, material=first.material)
     with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
         await backend.unseal(moved, spec, sealed, b"", call=CALL)
@@ -476,12 +480,34 @@ async def test_unbound_and_misdirected_records_are_refused(backend: HSMBackend) 
     with pytest.raises(DependencyUnavailable, match="no usable"):
         await backend.seal(replace(version, material=b"wrapped.v2:" + bytes(32)), spec, b"x",
                            b"", call=CALL)
-    # Destroying a version whose record is refused does not stall, and does not touch the
-    # token objects its record names.
+    # Destroying a version whose record is refused does not stall on it.
     await backend.destroy(replace(version, material=b"wrapped:" + blob), spec)
-    await backend.destroy(replace(version, material=other.material), spec)
-    sealed = await backend.seal(other, spec, b"still here", b"", call=CALL)
-    assert await backend.unseal(other, spec, sealed, b"", call=CALL) == b"still here"
+
+
+async def test_destroy_follows_the_version_not_its_record(pool: PKCS11Pool,
+                                                          backend: HSMBackend) -> None:
+    spec = KeySpec.AES_256
+    first, second = [await new_version(backend, spec, INTERNAL) for _ in range(2)]
+    # The second version's row was altered to name the first one's objects: destroying the
+    # second must remove the second's objects and leave the first's.
+    await backend.destroy(replace(second, material=first.material), spec)
+    assert await pool.run(token_objects(LABEL=second.version_id)) == []
+    assert len(await pool.run(token_objects(LABEL=first.version_id))) == 1
+    sealed = await backend.seal(first, spec, b"still here", b"", call=CALL)
+    assert await backend.unseal(first, spec, sealed, b"", call=CALL) == b"still here"
+
+
+async def test_a_bound_blob_this_token_cannot_unwrap_is_a_dependency_fault(
+        pool: PKCS11Pool, backend: HSMBackend) -> None:
+    spec = KeySpec.AES_256
+    version = await new_version(backend, spec, DATABASE)
+    blob = version.material[len(b"wrapped.v2:") + 32:]
+    # A correctly bound record (the token's own tag) over a blob that does not unwrap: the
+    # tag passes, RFC 5649's integrity check fails.
+    record = await pool.run(lambda ctx: backend._bound_record(
+        ctx, version.version_id, b"wrapped.v2:", flip(blob, 3)))
+    with pytest.raises(DependencyUnavailable, match="does not unwrap"):
+        await backend.seal(replace(version, material=record), spec, b"x", b"", call=CALL)
 
 
 async def test_the_binding_key(pool: PKCS11Pool, backend: HSMBackend) -> None:

@@ -294,7 +294,7 @@ def test_missing_x_amz_date() -> None:
 @pytest.mark.parametrize("amz_date", [
     "2026-11-28T12:00:00Z",  # ISO 8601 extended form: fromisoformat would take it
     "20261128T120000", "20261128T120000+00:00", "20261128 120000Z", "20261128T1200Z",
-    "20261328T120000Z", "20261128T250000Z", "20250229T120000Z",
+    "20261328T120000Z", "20261128T250000Z", "20261128T240000Z", "20250229T120000Z",
     "\uff120261128T120000Z",  # a fullwidth digit
 ])
 def test_x_amz_date_must_be_the_basic_form(amz_date: str) -> None:
