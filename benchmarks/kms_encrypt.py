@@ -44,9 +44,11 @@ request in flight per connection, raw HTTP/1.1 and minimal response parsing (sta
 Content-Length); it and the measuring are ``benchmarks/loadgen.py``, shared with
 ``benchmarks/xks_encrypt.py``. Each row reports the generator's CPU (``getrusage`` of its
 processes), the front's and the EKM simulator's (``/proc/<pid>/stat``) and the whole
-machine's (``/proc/stat``); ``other%`` is CPU none of them used (other work on the box). CPU
-is in % of one core (this machine's 2 cores are 200%). The script waits for an idle machine
-before each run and repeats a run that others disturbed (``?``, once by default).
+machine's (``/proc/stat``); ``other%`` is CPU none of them used (other work on the box),
+and ``st%`` the part of it that was the hypervisor's steal (this VM ready to run, and not
+run: a shared VM's own stall, which lands on the latency tail). CPU is in % of one core
+(this machine's 2 cores are 200%). The script waits for an idle machine before each run
+and repeats a run that others disturbed (``?``, once by default).
 
 Medians are taken over the runs that were not disturbed (over all runs if none was).
 
@@ -410,6 +412,7 @@ class RunResult(loadgen.Figures):
     ekm_cpu_pct: float
     machine_busy_pct: float
     other_cpu_pct: float  # machine CPU used by none of them: other work on the box
+    steal_pct: float  # of that, the hypervisor's steal: this VM was ready and not run
     # CPU microseconds per answered request (of the generator, the front, the simulator).
     gen_us: float
     front_us: float
@@ -485,7 +488,7 @@ def run_load(stack: Stack, job: Job, opts: LoadOptions, presign: int,
         **run.figures(), gen_cpu_pct=gen_cpu, front_cpu_pct=front_cpu,
         front_sys_pct=run.cpu_pct("front", system_only=True),
         ekm_cpu_pct=ekm_cpu, machine_busy_pct=run.machine_busy_pct,
-        other_cpu_pct=run.other_pct(gen_cpu, front_cpu, ekm_cpu),
+        other_cpu_pct=run.other_pct(gen_cpu, front_cpu, ekm_cpu), steal_pct=run.steal_pct,
         gen_us=per_op(gen_cpu), front_us=per_op(front_cpu), ekm_us=per_op(ekm_cpu),
         lag_p99_ms=loadgen.percentile(run.lags_ms, 99) if job.rate and run.lags_ms else None,
         signed=run.made, used=run.sent, exhausted=run.exhausted,
@@ -597,6 +600,7 @@ TABLE: Final = loadgen.Table(
         ("gen%", "gen_cpu_pct", 6, 0), ("front%", "front_cpu_pct", 7, 0),
         ("fsys%", "front_sys_pct", 6, 0),
         ("ekm%", "ekm_cpu_pct", 6, 0), ("other%", "other_cpu_pct", 7, 0),
+        ("st%", "steal_pct", 5, 1),
         ("gen_us", "gen_us", 7, 0), ("front_us", "front_us", 9, 0), ("ekm_us", "ekm_us", 7, 0),
         ("lag99", "lag_p99_ms", 8, 2), ("xceil", "xceil", 6, 2), ("drift", "drift", 6, 2),
         ("signed", "signed", 8, 0),

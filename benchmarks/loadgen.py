@@ -108,6 +108,13 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests while this VM had work (``steal`` in
+    ``/proc/stat``): time a process here was ready to run and could not."""
+    values = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return int(values[7]) / CLK_TCK if len(values) > 7 else 0.0
+
+
 def busy_pct(before: tuple[float, float], after: tuple[float, float]) -> float:
     """How busy the machine was between two ``machine_busy_seconds``, in % of one core."""
     return 100 * (os.cpu_count() or 1) * (after[0] - before[0]) / max(1e-9, after[1] - before[1])
@@ -610,7 +617,7 @@ class Measured:
     cpu_window_s: float  # the measured window (warm-up excluded)
     gen_cpu_seconds: float
     watched: dict[str, tuple[float, float]]  # (user, system) seconds per group of processes
-    machine_busy_pct: float
+    machine_busy_pct: float  # steal included (it is neither idle nor ours)
     errors: int
     unfinished: int
     lost_connections: int
@@ -620,6 +627,7 @@ class Measured:
     sent: int
     made: int
     make_seconds: float
+    steal_pct: float = 0.0  # hypervisor steal over the window, in % of one core
 
     @property
     def ops_s(self) -> float:
@@ -699,12 +707,12 @@ def run_load(target: Target, workload: Workload, opts: LoadOptions, *,
             pipe.send((t_start, t_measure, t_end))
         sleep_until(t_measure)
         watched0 = {name: cpu_seconds(pids) for name, pids in watch.items()}
-        machine0 = machine_busy_seconds()
+        machine0, steal0 = machine_busy_seconds(), steal_seconds()
         if during is not None:
             during(t_end)
         sleep_until(t_end)
         watched1 = {name: cpu_seconds(pids) for name, pids in watch.items()}
-        machine1 = machine_busy_seconds()
+        machine1, steal1 = machine_busy_seconds(), steal_seconds()
         results: list[GenResult] = []
         for _, pipe in workers:
             if not pipe.poll(DRAIN_SECONDS + 30):
@@ -736,6 +744,7 @@ def run_load(target: Target, workload: Workload, opts: LoadOptions, *,
         watched={name: (watched1[name][0] - watched0[name][0],
                         watched1[name][1] - watched0[name][1]) for name in watch},
         machine_busy_pct=busy_pct(machine0, machine1),
+        steal_pct=100 * (steal1 - steal0) / ((t_end - t_measure) / 1e9),
         errors=sum(r.errors for r in results),
         unfinished=sum(r.unfinished for r in results),
         lost_connections=sum(r.lost_connections for r in results),
