@@ -138,6 +138,15 @@ def main() -> int:
     print(f"  CreateKey -> {hardware.key_id} ProtectionLevel={hardware.protection_level}; "
           "Encrypt + Decrypt -> "
           f"{kms.decrypt(m.DecryptRequest(ciphertext_blob=sealed_hw.ciphertext_blob)).body.plaintext!r}")
+    wrapped = kms.create_key(m.CreateKeyRequest(
+        dkmsinstance_id=stack["instances"]["hardware"],
+        key_storage_mechanism="HsmEncryptedDatabase")).body.key_metadata
+    sealed_db = kms.encrypt(m.EncryptRequest(key_id=wrapped.key_id, plaintext="db data")).body
+    kms.create_key_version(m.CreateKeyVersionRequest(key_id=wrapped.key_id))
+    print(f"  CreateKey KeyStorageMechanism=HsmEncryptedDatabase -> {wrapped.key_id} "
+          "(wrapped by the token, bound to its version); CreateKeyVersion, and the first "
+          "blob still decrypts -> "
+          f"{kms.decrypt(m.DecryptRequest(ciphertext_blob=sealed_db.ciphertext_blob)).body.plaintext!r}")
 
     print("\nExternal key management instance "
           f"{stack['instances']['external']}: keys in the EKM, reached over XKI "
