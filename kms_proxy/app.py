@@ -338,7 +338,7 @@ async def _hsm_backend(stack: AsyncExitStack, hsm: HSMTokenConfig) -> KeyBackend
         module=hsm.module, token_label=hsm.token_label, user_pin=hsm.user_pin,
         mode=DispatchMode(hsm.mode), workers=hsm.workers)))
     backend = HSMBackend(pool, wrapping_key_label=hsm.wrapping_key_label)
-    await backend.ensure_wrapping_key()
+    await backend.ensure_token_keys()
     return backend
 
 

@@ -262,7 +262,7 @@ class HSMBackend:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    async def ensure_wrapping_key(self) -> bool:
+    async def ensure_token_keys(self) -> bool:
         """Create the token-resident AES-256 wrapping key unless it exists, and the binding
         key (HMAC-SHA256) beside it unless that exists; whether the wrapping key was created.
 

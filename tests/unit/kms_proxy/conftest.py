@@ -24,5 +24,5 @@ async def pool(hsm_config: HSMConfig) -> AsyncIterator[PKCS11Pool]:
 async def hsm(pool: PKCS11Pool) -> HSMBackend:
     """The hardware backend, its wrapping key created in the token."""
     backend = HSMBackend(pool, wrapping_key_label=WRAP_LABEL)
-    assert await backend.ensure_wrapping_key()
+    assert await backend.ensure_token_keys()
     return backend

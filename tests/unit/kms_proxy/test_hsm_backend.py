@@ -323,7 +323,7 @@ async def test_encrypted_database_keeps_only_a_wrapped_blob(
     async with PKCS11Pool(hsm_config.pool()) as pool, \
             PKCS11Pool(other_config.pool()) as other_pool:
         backend = HSMBackend(pool, wrapping_key_label=WRAP_LABEL)
-        await backend.ensure_wrapping_key()
+        await backend.ensure_token_keys()
         version = await new_version(backend, spec, DATABASE)
         key_bytes = 32 if spec is KeySpec.AES_256 else 16
         assert version.material.startswith(b"wrapped.v2:")
@@ -353,7 +353,7 @@ async def test_encrypted_database_keeps_only_a_wrapped_blob(
         # Another token, with its own wrapping and binding keys, refuses the record: the tag
         # does not verify there, so the blob is never unwrapped.
         stranger = HSMBackend(other_pool, wrapping_key_label=WRAP_LABEL)
-        assert await stranger.ensure_wrapping_key()
+        assert await stranger.ensure_token_keys()
         with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
             await stranger.unseal(version, spec, sealed, b"aad", call=CALL)
         with pytest.raises(DependencyUnavailable, match="binding tag does not verify"):
@@ -535,7 +535,7 @@ async def test_a_token_from_before_the_binding_gets_its_binding_key(pool: PKCS11
 
     await pool.run(plant)
     backend = HSMBackend(pool, wrapping_key_label="old")
-    assert await backend.ensure_wrapping_key() is False  # the wrapping key was there
+    assert await backend.ensure_token_keys() is False  # the wrapping key was there
     assert len(await pool.run(token_objects(LABEL="old.bind"))) == 1
     version = await new_version(backend, KeySpec.AES_256, DATABASE)
     sealed = await backend.seal(version, KeySpec.AES_256, b"x", b"", call=CALL)
@@ -551,7 +551,7 @@ async def test_an_unfit_binding_key_is_refused(pool: PKCS11Pool) -> None:
 
     await pool.run(plant)
     with pytest.raises(DependencyUnavailable, match="not a sensitive, non-extractable binding"):
-        await HSMBackend(pool, wrapping_key_label="weak2").ensure_wrapping_key()
+        await HSMBackend(pool, wrapping_key_label="weak2").ensure_token_keys()
 
 
 # -- generation and set-up ---------------------------------------------------------------------
@@ -570,7 +570,7 @@ async def test_generate_refusals_and_default_storage(backend: HSMBackend) -> Non
 
 
 async def test_wrapping_key(pool: PKCS11Pool, backend: HSMBackend) -> None:
-    assert await backend.ensure_wrapping_key() is False
+    assert await backend.ensure_token_keys() is False
     found = await pool.run(token_objects(LABEL=WRAP_LABEL))
     assert len(found) == 1
 
@@ -591,7 +591,7 @@ async def test_an_unfit_wrapping_key_is_refused(pool: PKCS11Pool) -> None:
 
     await pool.run(plant)
     with pytest.raises(DependencyUnavailable, match="not a sensitive"):
-        await HSMBackend(pool, wrapping_key_label="weak").ensure_wrapping_key()
+        await HSMBackend(pool, wrapping_key_label="weak").ensure_token_keys()
 
 
 async def test_without_a_wrapping_key_the_database_mechanism_fails(pool: PKCS11Pool) -> None:
@@ -614,7 +614,7 @@ async def test_round_trips_in_both_dispatch_modes(hsm_config: HSMConfig,
     # off the event loop.
     async with PKCS11Pool(replace(hsm_config, mode=mode, workers=1).pool()) as pool:
         backend = HSMBackend(pool, wrapping_key_label=WRAP_LABEL)
-        await backend.ensure_wrapping_key()
+        await backend.ensure_token_keys()
         versions = [await new_version(backend, KeySpec.AES_256, storage)
                     for storage in STORAGES]
         pair = await new_version(backend, KeySpec.RSA_2048, DATABASE)
@@ -635,7 +635,7 @@ async def test_round_trips_in_both_dispatch_modes(hsm_config: HSMConfig,
 
 async def test_session_copies_are_bounded_and_destroyed(pool: PKCS11Pool) -> None:
     backend = HSMBackend(pool, wrapping_key_label=WRAP_LABEL, session_cache_size=1)
-    await backend.ensure_wrapping_key()
+    await backend.ensure_token_keys()
     versions = [await new_version(backend, KeySpec.AES_256, DATABASE) for _ in range(3)]
     for _ in range(2):
         for version in versions:
