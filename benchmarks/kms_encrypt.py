@@ -54,7 +54,8 @@ Medians are taken over the runs that were not disturbed (over all runs if none w
 
 ``--py-spy`` adds one profiled run per kind (and for the first ``--rate``) after the measured
 ones (not in the medians):
-``py-spy record -f raw`` on the front (one process) for the run's duration, summarised as the
+``py-spy record -f raw`` on the front (one process; ``--py-spy-process ekm`` for the EKM
+simulator) for the run's duration, summarised as the
 top self-time frames, the most inclusive project frames, and every sample charged to its
 nearest project frame. py-spy sees Python frames only: time in C code is charged to the
 calling frame, and kernel time (``fsys%``: TCP over loopback, wake-ups) hardly shows.
@@ -515,11 +516,12 @@ def _frame_name(frame: str) -> str:
 # Leaf frames of threads blocked waiting for work, which py-spy still reports as active.
 _IDLE_LEAVES: Final = frozenset({"_worker (concurrent/futures/thread.py)",
                                  "wait (threading.py)"})
-_ENTRY_FILES: Final = ("kms_proxy/cli.py", "kms_proxy/server.py", "shared/serving.py")
+_ENTRY_FILES: Final = ("kms_proxy/cli.py", "kms_proxy/server.py", "ekm_sim/cli.py",
+                       "ekm_sim/server.py", "shared/serving.py")
 
 
 def _project(name: str) -> bool:
-    return ("kms_proxy/" in name or "shared/" in name) and not any(
+    return ("kms_proxy/" in name or "ekm_sim/" in name or "shared/" in name) and not any(
         entry in name for entry in _ENTRY_FILES)
 
 
@@ -648,6 +650,8 @@ def _parser() -> argparse.ArgumentParser:
                         "file, default) or off")
     p.add_argument("--py-spy", action="store_true",
                    help="one extra profiled run per kind with py-spy on the front")
+    p.add_argument("--py-spy-process", choices=("front", "ekm"), default="front",
+                   help="the process --py-spy samples: the front or the EKM simulator")
     p.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--py-spy-nonblocking", action="store_true",
                    help="do not pause the front for each sample (less overhead, but stacks "
@@ -810,14 +814,15 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
     profiles: dict[str, Any] = {}
     if args.py_spy:
         out_dir = Path(tempfile.mkdtemp(prefix="kms-bench-pyspy-"))
-        print(f"\nprofiled runs (py-spy on the front, not in the medians; raw files in "
-              f"{out_dir}):", flush=True)
+        pids = stack.front_pids if args.py_spy_process == "front" else stack.ekm_pids
+        print(f"\nprofiled runs (py-spy on the {args.py_spy_process}, not in the medians; "
+              f"raw files in {out_dir}):", flush=True)
         print(TABLE.header(), flush=True)
         ceiling = results.get("health", {}).get("ops_s")
         # Every closed-loop kind, and the open loop at the first --rate only.
         for job in (j for j in jobs if not j.rate or j.rate == args.rates[0]):
             raw = out_dir / f"{job.label.replace('@', '-at-')}.txt"
-            profiler = Profiler(stack.front_pids[0], raw, opts.duration, args.py_spy_rate,
+            profiler = Profiler(pids[0], raw, opts.duration, args.py_spy_rate,
                                 nonblocking=args.py_spy_nonblocking)
             try:
                 measure_once(stack, job, opts, ceiling, f"{job.label} prof", profiler)

@@ -25,6 +25,7 @@ from shared.sigv4 import (
     ACCESS_KEY_ID_PATTERN,
     SECRET_PATTERN,
     Credential,
+    Signer,
     SigV4Error,
     SigV4Verifier,
     sign_request,
@@ -121,6 +122,33 @@ def test_manual_signer_agrees_with_botocore() -> None:
     headers = sign()
     assert manual_authorization(headers=headers, signed=["host", "x-amz-date"]) == \
         headers["Authorization"]
+
+
+def test_one_signer_across_dates_and_credentials_matches_stock_botocore() -> None:
+    """The kept signing key is per date and credential: a Signer reused across midnight
+    and between two credentials signs exactly as a new botocore SigV4Auth does."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    signer = Signer(region=REGION, service=SERVICE)
+    headers = {"Host": HOST, "Content-Type": "application/json"}
+    midnight = datetime(2024, 5, 16, tzinfo=UTC)
+    moments = [midnight - timedelta(seconds=1), midnight, midnight + timedelta(hours=1),
+               midnight - timedelta(seconds=1)]
+    for at in moments:
+        for credential in (CRED_A, CRED_B, CRED_A):
+            with mock.patch("botocore.auth.get_current_datetime",
+                            return_value=at.replace(tzinfo=None)):
+                ours = signer.sign(method="POST", url=URL, body=BODY, headers=headers,
+                                   credential=credential)
+                stock = AWSRequest(method="POST", url=URL, data=BODY, headers=dict(headers))
+                SigV4Auth(Credentials(credential.access_key_id,
+                                      credential.secret_access_key),
+                          SERVICE, REGION).add_auth(stock)
+            assert ours["Authorization"] == stock.headers["Authorization"]
+            assert ours["X-Amz-Date"] == at.strftime("%Y%m%dT%H%M%SZ")
+            assert verify(CIMultiDict(ours), v=verifier(now=at)) == credential.access_key_id
 
 
 def test_valid_request_returns_the_access_key_id() -> None:

@@ -1,0 +1,116 @@
+"""The batched request-log file (shared.serving.BufferedFileHandler): lines reach the file
+by the flush interval, on flush and on close, never one write per line, and in order."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.serving import BufferedFileHandler, configure_logging
+
+
+def _logger(name: str, handler: logging.Handler) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return logger
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[tuple[logging.Logger, logging.Handler]]]:
+    made: list[tuple[logging.Logger, logging.Handler]] = []
+    yield made
+    for logger, handler in made:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _wait_for_lines(path: Path, count: int, *, within: float) -> list[str]:
+    deadline = time.monotonic() + within
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.01)
+
+
+def test_lines_wait_in_the_buffer_until_the_interval(
+        tmp_path: Path, cleanup: list[tuple[logging.Logger, logging.Handler]]) -> None:
+    path = tmp_path / "requests.log"
+    handler = BufferedFileHandler(path, flush_interval=3600)
+    logger = _logger("test.buffered.wait", handler)
+    cleanup.append((logger, handler))
+    for i in range(50):
+        logger.info("line %d", i)
+    # No write per line: nothing has reached the file yet (an hour-long interval).
+    assert path.read_text() == ""
+    handler.flush()
+    assert path.read_text().splitlines() == [f"line {i}" for i in range(50)]
+
+
+def test_the_flusher_writes_idle_lines_within_the_interval(
+        tmp_path: Path, cleanup: list[tuple[logging.Logger, logging.Handler]]) -> None:
+    path = tmp_path / "requests.log"
+    handler = BufferedFileHandler(path, flush_interval=0.05)
+    logger = _logger("test.buffered.idle", handler)
+    cleanup.append((logger, handler))
+    logger.info("first")
+    logger.info("second")
+    # Nothing else is logged: only the flusher thread can write them.
+    assert _wait_for_lines(path, 2, within=5.0) == ["first", "second"]
+
+
+def test_close_writes_everything_and_stops_the_flusher(tmp_path: Path) -> None:
+    path = tmp_path / "requests.log"
+    handler = BufferedFileHandler(path, flush_interval=3600)
+    logger = _logger("test.buffered.close", handler)
+    try:
+        for i in range(1000):
+            logger.info("%d", i)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert path.read_text().splitlines() == [str(i) for i in range(1000)]
+    handler._flusher.join(timeout=5)
+    assert not handler._flusher.is_alive()
+
+
+def test_a_full_buffer_is_written_without_waiting(
+        tmp_path: Path, cleanup: list[tuple[logging.Logger, logging.Handler]]) -> None:
+    path = tmp_path / "requests.log"
+    handler = BufferedFileHandler(path, flush_interval=3600, buffer_bytes=4096)
+    logger = _logger("test.buffered.full", handler)
+    cleanup.append((logger, handler))
+    for i in range(400):  # About 12 KB: the 4 KiB buffer fills at least twice.
+        logger.info("request %04d %s", i, "x" * 20)
+    written = path.read_text()
+    assert 4096 <= len(written) < 400 * 31
+    assert written.splitlines()[0] == f"request 0000 {'x' * 20}"
+
+
+def test_configure_logging_uses_it_for_a_file_target(tmp_path: Path) -> None:
+    path = tmp_path / "logs.jsonl"
+    name = "test.configure.requests"
+    configure_logging(name, str(path), line_format="%(message)s", flush_interval=0.05)
+    logger = logging.getLogger(name)
+    handlers = [h for h in logger.handlers if isinstance(h, BufferedFileHandler)]
+    try:
+        assert len(handlers) == 1 and not logger.propagate
+        logger.info(json.dumps({"operation": "Encrypt"}))
+        assert [json.loads(line) for line in _wait_for_lines(path, 1, within=5.0)] == [
+            {"operation": "Encrypt"}]
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def test_the_interval_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="flush_interval"):
+        BufferedFileHandler(tmp_path / "x.log", flush_interval=0)
