@@ -14,7 +14,6 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import cache
 from typing import Any, Final, Protocol
 from urllib.parse import quote, unquote
 
@@ -214,13 +213,9 @@ def _single(headers: Headers, name: str) -> str:
 
 
 class Signer:
-    """Signs requests with botocore's SigV4 signer for one region and service.
-
-    It keeps one signer per credential rather than building it (and its ``Credentials``)
-    for every call (0.84 to 0.98 of the time, ``benchmarks/sigv4_sign.py``), and that signer
-    derives its signing key once per date rather than with four HMACs per request
-    (``_key_caching_auth``).
-    """
+    """Signs requests with botocore's SigV4 signer for one region and service, keeping one
+    ``SigV4Auth`` per credential rather than building it (and its ``Credentials``) for
+    every call (0.84 to 0.98 of the time, ``benchmarks/sigv4_sign.py``)."""
 
     def __init__(self, *, region: str, service: str) -> None:
         self._region, self._service = region, service
@@ -234,45 +229,19 @@ class Signer:
         (parsing it twice: giving it saves about a quarter of the time). Tests that need
         another time give the verifier a clock.
         """
+        from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
         from botocore.credentials import Credentials
 
         cache_key = (credential.access_key_id, credential.secret_access_key)
         auth = self._auths.get(cache_key)
         if auth is None:
-            auth = self._auths[cache_key] = _key_caching_auth()(
+            auth = self._auths[cache_key] = SigV4Auth(
                 Credentials(credential.access_key_id, credential.secret_access_key),
                 self._service, self._region)
         request = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
         auth.add_auth(request)
         return dict(request.headers.items())
-
-
-@cache
-def _key_caching_auth() -> type[Any]:
-    """botocore's ``SigV4Auth`` with the signing key kept for its date.
-
-    ``SigV4Auth.signature`` derives the key (HMACs over the date, region, service and
-    ``aws4_request``) for every request, though it changes only when the date does; this
-    subclass derives it with botocore's own ``_sign`` once per date and signs with it. Every
-    other step (canonical request, string to sign, headers) stays botocore's.
-    """
-    from botocore.auth import SigV4Auth
-
-    class KeyCachingSigV4Auth(SigV4Auth):  # type: ignore[misc]
-        _date_key: tuple[str, bytes] = ("", b"")
-
-        def signature(self, string_to_sign: str, request: Any) -> str:
-            date = request.context["timestamp"][0:8]
-            cached_date, key = self._date_key
-            if date != cached_date:
-                key = self._sign(f"AWS4{self.credentials.secret_key}".encode(), date)
-                for part in (self._region_name, self._service_name, "aws4_request"):
-                    key = self._sign(key, part)
-                self._date_key = (date, key)
-            return str(self._sign(key, string_to_sign, hex=True))
-
-    return KeyCachingSigV4Auth
 
 
 def sign_request(

@@ -125,8 +125,8 @@ def test_manual_signer_agrees_with_botocore() -> None:
 
 
 def test_one_signer_across_dates_and_credentials_matches_stock_botocore() -> None:
-    """The kept signing key is per date and credential: a Signer reused across midnight
-    and between two credentials signs exactly as a new botocore SigV4Auth does."""
+    """A Signer keeps one botocore signer per credential: reused across midnight and
+    between two credentials, it signs exactly as a new botocore SigV4Auth does."""
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
