@@ -9,10 +9,12 @@ shape. Negative cases alter a request the SDK really sent and replay it byte for
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -589,6 +591,80 @@ def test_nonce_cache_is_bounded_and_fails_closed() -> None:
                    now=T0 + WINDOW + timedelta(seconds=12))
     assert cache.horizon is None
     assert len(cache) == 1
+
+
+class _ReferenceNonceCache:
+    """The cache's contract in its plainest form (an OrderedDict in arrival order), for the
+    model-based test below."""
+
+    def __init__(self, *, max_size: int, window: timedelta) -> None:
+        self.max_size, self.window = max_size, window
+        self.entries: OrderedDict[tuple[str, str], datetime] = OrderedDict()
+        self.horizon: datetime | None = None
+
+    def remember(self, key: tuple[str, str], *, when: datetime, now: datetime) -> None:
+        limit = now - self.window
+        while self.entries and next(iter(self.entries.values())) < limit:
+            self.entries.popitem(last=False)
+        if self.horizon is not None and self.horizon < limit:
+            self.horizon = None
+        if self.horizon is not None and when <= self.horizon:
+            raise SignatureError(SignatureErrorCode.TIMESTAMP_EXPIRED)
+        if key in self.entries:
+            raise SignatureError(SignatureErrorCode.SIGNATURE_NONCE_USED)
+        if len(self.entries) >= self.max_size:
+            _, dropped = self.entries.popitem(last=False)
+            if self.horizon is None or dropped > self.horizon:
+                self.horizon = dropped
+        self.entries[key] = when
+
+
+class _SmallChunks(NonceCache):
+    _CHUNK = 3  # So a short run crosses many chunk boundaries.
+
+
+@settings(max_examples=300, deadline=None)
+@given(max_size=st.integers(1, 12),
+       steps=st.lists(st.tuples(st.sampled_from(["ak", "other", "a", "k1:"]),
+                                st.sampled_from(["n", "1", "n1", ":n", "x"]),
+                                st.integers(-20 * 60, 20 * 60),  # date offset from now, s
+                                st.integers(0, 8 * 60)),  # seconds the clock moves first
+                      max_size=80))
+def test_nonce_cache_behaves_like_the_plain_model(
+        max_size: int, steps: list[tuple[str, str, int, int]]) -> None:
+    """Outcome, size and horizon after every call match the OrderedDict model: chunking
+    the arrival order changes nothing a caller sees (nor do ids that share a prefix)."""
+    cache, model = _SmallChunks(max_size=max_size, window=WINDOW), \
+        _ReferenceNonceCache(max_size=max_size, window=WINDOW)
+    now = T0
+    for access_key_id, nonce, offset, advance in steps:
+        now += timedelta(seconds=advance)
+        when = now + timedelta(seconds=offset)
+        outcomes: list[SignatureErrorCode | None] = []
+        for target in (cache, model):
+            try:
+                target.remember((access_key_id, nonce), when=when, now=now)
+                outcomes.append(None)
+            except SignatureError as exc:
+                outcomes.append(exc.code)
+        assert outcomes[0] == outcomes[1]
+        assert len(cache) == len(model.entries)
+        assert cache.horizon == model.horizon
+
+
+def test_nonce_cache_is_invisible_to_the_garbage_collector() -> None:
+    """A full cache must not lengthen every full collection: after one collection neither
+    its map nor its arrival chunks are tracked."""
+    cache = NonceCache(max_size=100_000, window=WINDOW)
+    for i in range(5000):
+        cache.remember((ALICE.id, uuid.uuid4().hex), when=T0, now=T0 + timedelta(seconds=i / 1000))
+    gc.collect()
+    assert len(cache) == 5000
+    assert not gc.is_tracked(cache._dates)
+    assert cache._chunks and not any(gc.is_tracked(chunk) for chunk in cache._chunks)
+    # Still untracked after more entries (strings and floats never make a dict tracked).
+    cache.remember((ALICE.id, "one-more"), when=T0, now=T0 + timedelta(seconds=6))
+    assert not gc.is_tracked(cache._dates)
 
 
 def test_nonce_cache_rejects_bad_bounds() -> None:
