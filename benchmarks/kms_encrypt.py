@@ -19,6 +19,9 @@ What is measured, in every repetition (``--runs``, medians reported):
   ``external``) at a fixed schedule of N requests/s, whose latency is counted from each
   request's *scheduled* time (no coordinated omission; ``lag99`` is how late requests left
   the generator because every connection was busy).
+- with ``--rate-xceil F`` (comma-separated, default none): the same open loop at F times the
+  ``/health`` ceiling measured last in the same repetition, so a VM whose speed drifts is
+  loaded alike in every repetition. Run B's 1800/s was 0.084 x its ceiling.
 
 The server refuses a replayed ``x-acs-signature-nonce``, so a request cannot be replayed the
 way ``benchmarks/xks_encrypt.py`` replays a SigV4 request. Signing inside the timed window
@@ -387,9 +390,13 @@ class Job:
     request: bytes | None  # replayed (health)
     signer: EncryptSigner | None  # pre-signed (Encrypt)
     rate: float = 0.0  # 0 = closed loop
+    # Open loop at this fraction of the repetition's latest /health ceiling (sets ``rate``).
+    rate_xceil: float = 0.0
 
     @property
     def label(self) -> str:
+        if self.rate_xceil:
+            return f"{self.kind}@x{self.rate_xceil:g}"
         return f"{self.kind}@{self.rate:g}" if self.rate else self.kind
 
     def workload(self, presign: int) -> loadgen.Workload:
@@ -643,6 +650,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bracket", type=float, default=3.0,
                    help="seconds of /health measured right after each closed-loop kind, so "
                         "xceil uses the ceiling around the run (0 = only the one before)")
+    p.add_argument("--rate-xceil", default="",
+                   help="open-loop runs at these fractions of the same repetition's /health "
+                        "ceiling, comma-separated (needs health in --kinds; default none)")
     p.add_argument("--rate-kinds", default="external",
                    help="comma-separated key kinds to run at --rate (default external)")
     p.add_argument("--ekm-request-log", choices=("dev", "off"), default="dev",
@@ -684,8 +694,17 @@ def _check(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
     if any(not 0 <= r <= 1e6 for r in rates) or args.py_spy_rate < 1:
         p.error("--rate must be 0-1e6 and --py-spy-rate >= 1")
     args.rates = [r for r in rates if r > 0]
+    try:
+        args.rate_xceils = [float(r) for r in args.rate_xceil.split(",") if r.strip()]
+    except ValueError:
+        p.error("--rate-xceil must be numbers, comma-separated")
+    if any(not 0 < r <= 1 for r in args.rate_xceils):
+        p.error("--rate-xceil fractions must be in (0, 1]")
+    if args.rate_xceils and "health" not in kinds:
+        p.error("--rate-xceil needs health in --kinds (the ceiling it is a fraction of)")
     args.kinds = kinds
-    args.rate_kinds = [k for k in rate_kinds if k in kinds] if args.rates else []
+    args.rate_kinds = ([k for k in rate_kinds if k in kinds]
+                       if args.rates or args.rate_xceils else [])
 
 
 def _presign_count(job: Job, opts: LoadOptions, ceiling: float | None) -> int:
@@ -760,6 +779,8 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
     for kind in args.rate_kinds:
         rate_signer = next(j.signer for j in jobs if j.kind == kind)
         jobs.extend(Job(kind, None, rate_signer, rate=rate) for rate in args.rates)
+        jobs.extend(Job(kind, None, rate_signer, rate_xceil=fraction)
+                    for fraction in args.rate_xceils)
 
     print("\n" + TABLE.header(), flush=True)
     runs: dict[str, list[RunResult]] = {job.label: [] for job in jobs}
@@ -769,7 +790,16 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
     bracket_opts = replace(opts, duration=args.bracket, warmup=min(opts.warmup, 1.0))
     for rep in range(args.runs):
         ceiling: float | None = None
-        for job in jobs:
+        for planned in jobs:
+            job = planned
+            if planned.rate_xceil:
+                if not ceiling:
+                    print(f"  {planned.label} {rep + 1}: no ceiling measured; skipped",
+                          flush=True)
+                    continue
+                job = replace(planned, rate=round(planned.rate_xceil * ceiling))
+                print(f"  {planned.label} {rep + 1}: {job.rate:g}/s ({planned.rate_xceil:g} x "
+                      f"the latest ceiling, {ceiling:.0f}/s)", flush=True)
             try:
                 result = measure_once(stack, job, opts, ceiling, f"{job.label} {rep + 1}")
                 if (args.bracket and health_job is not None and ceiling
@@ -794,7 +824,7 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
                 print(f"  ! {exc}", file=sys.stderr, flush=True)
                 return {"failed": str(exc), "results": {k: median_result(v)
                                                         for k, v in runs.items()}}
-            runs[job.label].append(result)
+            runs[planned.label].append(result)
             noisy += loadgen.noisy(result)
             total_sent += result.used if job.signer else 0
             if job.kind == "health":
@@ -820,7 +850,9 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
         print(TABLE.header(), flush=True)
         ceiling = results.get("health", {}).get("ops_s")
         # Every closed-loop kind, and the open loop at the first --rate only.
-        for job in (j for j in jobs if not j.rate or j.rate == args.rates[0]):
+        # (Not the --rate-xceil runs: their rate is set per repetition.)
+        for job in (j for j in jobs if not j.rate_xceil
+                    and (not j.rate or j.rate == args.rates[0])):
             raw = out_dir / f"{job.label.replace('@', '-at-')}.txt"
             profiler = Profiler(pids[0], raw, opts.duration, args.py_spy_rate,
                                 nonblocking=args.py_spy_nonblocking)
@@ -846,12 +878,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.plaintext_bytes} B, {loadgen.describe_load(args)}"
           + (f", open loop at {','.join(f'{r:g}' for r in args.rates)}/s for "
              f"{','.join(args.rate_kinds)}"
-             if args.rate_kinds else ""), flush=True)
+             if args.rate_kinds and args.rates else "")
+          + (f", open loop at {','.join(f'{r:g}' for r in args.rate_xceils)} x the ceiling "
+             f"for {','.join(args.rate_kinds)}"
+             if args.rate_kinds and args.rate_xceils else ""), flush=True)
     summary: dict[str, Any] = {
         "benchmark": "kms_encrypt", "cpus": os.cpu_count(),
         "plaintext_bytes": args.plaintext_bytes, "gen_procs": args.gen_procs,
         "connections": args.connections, "gen_loop": args.gen_loop, "runs": args.runs,
         "duration_s": args.duration, "rates": args.rates if args.rate_kinds else [],
+        "rate_xceils": args.rate_xceils if args.rate_kinds else [],
         "ekm_request_log": args.ekm_request_log}
     with Stack(ekm_request_log=args.ekm_request_log, keep_workdir=args.keep_workdir) as stack:
         summary.update(bench(stack, args, opts))
