@@ -21,7 +21,9 @@ What is measured, in every repetition (``--runs``, medians reported):
   the generator because every connection was busy).
 - with ``--rate-xceil F`` (comma-separated, default none): the same open loop at F times the
   ``/health`` ceiling measured last in the same repetition, so a VM whose speed drifts is
-  loaded alike in every repetition. Run B's 1800/s was 0.084 x its ceiling.
+  loaded alike in every repetition. Run B's 1800/s was 0.084 x its ceiling. With
+  ``--bracket``, the ceiling is measured after these runs too, and their ``xceil`` is the
+  load they carried against the mean of the ceilings around them (``drift`` as above).
 
 The server refuses a replayed ``x-acs-signature-nonce``, so a request cannot be replayed the
 way ``benchmarks/xks_encrypt.py`` replays a SigV4 request. Signing inside the timed window
@@ -648,8 +650,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="open-loop runs at these ops/s on a fixed schedule, comma-separated "
                         "(default %(default)s; 0 = none)")
     p.add_argument("--bracket", type=float, default=3.0,
-                   help="seconds of /health measured right after each closed-loop kind, so "
-                        "xceil uses the ceiling around the run (0 = only the one before)")
+                   help="seconds of /health measured right after each closed-loop kind and "
+                        "each --rate-xceil run, so xceil uses the ceiling around the run (0 = "
+                        "only the one before)")
     p.add_argument("--rate-xceil", default="",
                    help="open-loop runs at these fractions of the same repetition's /health "
                         "ceiling, comma-separated (needs health in --kinds; default none)")
@@ -803,7 +806,7 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
             try:
                 result = measure_once(stack, job, opts, ceiling, f"{job.label} {rep + 1}")
                 if (args.bracket and health_job is not None and ceiling
-                        and job.kind != "health" and not job.rate):
+                        and job.kind != "health" and (not job.rate or planned.rate_xceil)):
                     # The ceiling again, right after: the mean of the two is what this
                     # run is compared with, and their ratio shows how much the VM drifted.
                     bracket = measure_once(stack, health_job, bracket_opts, None,
