@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,10 +23,23 @@ def _logger(name: str, handler: logging.Handler) -> logging.Logger:
     return logger
 
 
+Opened = tuple[Path, BufferedFileHandler, logging.Logger]
+
+
 @pytest.fixture
-def cleanup() -> Iterator[list[tuple[logging.Logger, logging.Handler]]]:
+def buffered(tmp_path: Path) -> Iterator[Callable[..., Opened]]:
+    """``buffered(name, **handler_options)``: a logger writing to a fresh
+    ``BufferedFileHandler``, detached and closed after the test."""
     made: list[tuple[logging.Logger, logging.Handler]] = []
-    yield made
+
+    def open_one(name: str, **options: Any) -> Opened:
+        path = tmp_path / f"{name}.log"
+        handler = BufferedFileHandler(path, **options)
+        logger = _logger(name, handler)
+        made.append((logger, handler))
+        return path, handler, logger
+
+    yield open_one
     for logger, handler in made:
         logger.removeHandler(handler)
         handler.close()
@@ -41,11 +55,8 @@ def _wait_for_lines(path: Path, count: int, *, within: float) -> list[str]:
 
 
 def test_lines_wait_in_the_buffer_until_the_interval(
-        tmp_path: Path, cleanup: list[tuple[logging.Logger, logging.Handler]]) -> None:
-    path = tmp_path / "requests.log"
-    handler = BufferedFileHandler(path, flush_interval=3600)
-    logger = _logger("test.buffered.wait", handler)
-    cleanup.append((logger, handler))
+        buffered: Callable[..., Opened]) -> None:
+    path, handler, logger = buffered("test.buffered.wait", flush_interval=3600)
     for i in range(50):
         logger.info("line %d", i)
     # No write per line: nothing has reached the file yet (an hour-long interval).
@@ -55,11 +66,8 @@ def test_lines_wait_in_the_buffer_until_the_interval(
 
 
 def test_the_flusher_writes_idle_lines_within_the_interval(
-        tmp_path: Path, cleanup: list[tuple[logging.Logger, logging.Handler]]) -> None:
-    path = tmp_path / "requests.log"
-    handler = BufferedFileHandler(path, flush_interval=0.05)
-    logger = _logger("test.buffered.idle", handler)
-    cleanup.append((logger, handler))
+        buffered: Callable[..., Opened]) -> None:
+    path, _, logger = buffered("test.buffered.idle", flush_interval=0.05)
     logger.info("first")
     logger.info("second")
     # Nothing else is logged: only the flusher thread can write them.
@@ -82,11 +90,8 @@ def test_close_writes_everything_and_stops_the_flusher(tmp_path: Path) -> None:
 
 
 def test_a_full_buffer_is_written_without_waiting(
-        tmp_path: Path, cleanup: list[tuple[logging.Logger, logging.Handler]]) -> None:
-    path = tmp_path / "requests.log"
-    handler = BufferedFileHandler(path, flush_interval=3600, buffer_bytes=4096)
-    logger = _logger("test.buffered.full", handler)
-    cleanup.append((logger, handler))
+        buffered: Callable[..., Opened]) -> None:
+    path, _, logger = buffered("test.buffered.full", flush_interval=3600, buffer_bytes=4096)
     for i in range(400):  # About 12 KB: the 4 KiB buffer fills at least twice.
         logger.info("request %04d %s", i, "x" * 20)
     written = path.read_text()
