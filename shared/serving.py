@@ -70,6 +70,8 @@ class BufferedFileHandler(logging.FileHandler):
 
     def _open(self) -> io.TextIOWrapper:
         # FileHandler opens with the default 8 KiB buffer; a larger one batches more lines.
+        # Append mode, and a buffer flushed before a line that does not fit: every write is
+        # whole lines, so workers appending to one file never cut each other's lines.
         return open(self.baseFilename, "a", buffering=self._buffer_bytes,
                     encoding=self.encoding, errors=self.errors)
 

@@ -119,3 +119,28 @@ def test_configure_logging_uses_it_for_a_file_target(tmp_path: Path) -> None:
 def test_the_interval_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="flush_interval"):
         BufferedFileHandler(tmp_path / "x.log", flush_interval=0)
+
+
+def test_two_writers_on_one_file_never_split_a_line(tmp_path: Path) -> None:
+    """``server.workers > 1``: each worker appends its batches to the same file. A batch is
+    whole lines (the buffer is flushed before a line that does not fit), so lines of two
+    writers interleave but are never cut."""
+    path = tmp_path / "shared.log"
+    handlers = [BufferedFileHandler(path, flush_interval=3600, buffer_bytes=256)
+                for _ in range(2)]
+    loggers = [_logger(f"test.buffered.writer{i}", h) for i, h in enumerate(handlers)]
+    try:
+        for i in range(300):
+            for w, logger in enumerate(loggers):
+                logger.info("writer %d line %03d %s", w, i, "y" * (i % 50))
+    finally:
+        for logger, handler in zip(loggers, handlers, strict=True):
+            logger.removeHandler(handler)
+            handler.close()
+    lines = path.read_text().splitlines()
+    assert sorted(lines) == sorted(f"writer {w} line {i:03d} {'y' * (i % 50)}"
+                                   for w in range(2) for i in range(300))
+    # Each writer's lines stay in order.
+    for w in range(2):
+        mine = [line for line in lines if line.startswith(f"writer {w} ")]
+        assert mine == sorted(mine)
