@@ -24,6 +24,9 @@ What is measured, in every repetition (``--runs``, medians reported):
   loaded alike in every repetition. Run B's 1800/s was 0.084 x its ceiling. With
   ``--bracket``, the ceiling is measured after these runs too, and their ``xceil`` is the
   load they carried against the mean of the ceilings around them (``drift`` as above).
+- every open-loop row also shows ``xcap``: its rate over the same kind's closed-loop figure
+  in the same repetition. Run B's 1800/s was 0.85 of its external capacity; on this stack
+  the external p99 stayed within 50 ms up to about 0.6 (BENCHMARKS.md, run F).
 
 The server refuses a replayed ``x-acs-signature-nonce``, so a request cannot be replayed the
 way ``benchmarks/xks_encrypt.py`` replays a SigV4 request. Signing inside the timed window
@@ -435,6 +438,8 @@ class RunResult(loadgen.Figures):
     window_s: float
     xceil: float | None = None  # ops_s / the /health ceiling around it (see --bracket)
     drift: float | None = None  # that ceiling just after the run / just before it
+    # Open loop: ops_s / the same kind's closed-loop ops/s in the same repetition.
+    xcap: float | None = None
 
 
 class Profiler:
@@ -614,6 +619,7 @@ TABLE: Final = loadgen.Table(
         ("st%", "steal_pct", 5, 1),
         ("gen_us", "gen_us", 7, 0), ("front_us", "front_us", 9, 0), ("ekm_us", "ekm_us", 7, 0),
         ("lag99", "lag_p99_ms", 8, 2), ("xceil", "xceil", 6, 2), ("drift", "drift", 6, 2),
+        ("xcap", "xcap", 5, 2),
         ("signed", "signed", 8, 0),
         ("used", "used", 8, 0)),
     label_title="kind run", label_width=18, dash_if_zero=frozenset({"signed"}))
@@ -793,6 +799,7 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
     bracket_opts = replace(opts, duration=args.bracket, warmup=min(opts.warmup, 1.0))
     for rep in range(args.runs):
         ceiling: float | None = None
+        capacity: dict[str, float] = {}  # closed-loop ops/s per kind in this repetition
         for planned in jobs:
             job = planned
             if planned.rate_xceil:
@@ -827,6 +834,12 @@ def bench(stack: Stack, args: argparse.Namespace, opts: LoadOptions) -> dict[str
                 print(f"  ! {exc}", file=sys.stderr, flush=True)
                 return {"failed": str(exc), "results": {k: median_result(v)
                                                         for k, v in runs.items()}}
+            if job.rate and job.kind in capacity:
+                result = replace(result, xcap=result.ops_s / capacity[job.kind])
+                print(f"  {job.label} {rep + 1}: xcap {result.xcap:.2f} ({result.ops_s:.0f}/s "
+                      f"over the closed loop's {capacity[job.kind]:.0f}/s)", flush=True)
+            elif not job.rate and job.kind != "health":
+                capacity[job.kind] = result.ops_s
             runs[planned.label].append(result)
             noisy += loadgen.noisy(result)
             total_sent += result.used if job.signer else 0
