@@ -51,9 +51,12 @@ class BufferedFileHandler(logging.FileHandler):
     ``FileHandler`` flushes after every record: one ``write`` system call per request on
     the event loop, which a slow disk turns into a stall of every request. Here the loop
     writes only when the buffer fills (a few times a second at thousands of requests a
-    second), and the thread does the rest. In CPU it saves little: about 1 of the 15 us a
-    logged request costs (a throwaway loop of 50,000 records to a local file). A process
-    killed without a shutdown loses at most the last ``flush_interval`` of lines.
+    second) and the thread does the rest; a record logged while the thread is writing
+    still waits for it (they share the handler's lock), so a slow disk can stall the loop
+    a few times a second, not on every request. In CPU it saves little: about 1 of the
+    15 us a logged request costs (a loop of 50,000 records to a local file). A process
+    killed without a shutdown loses at most the last ``flush_interval`` of lines; a failed
+    flush (a full disk) is reported once and retried at the next interval.
     """
 
     def __init__(self, filename: str | os.PathLike[str], *, flush_interval: float = 0.25,
@@ -88,8 +91,17 @@ class BufferedFileHandler(logging.FileHandler):
             self.handleError(record)
 
     def _flush_periodically(self, interval: float) -> None:
+        failing = False
         while not self._stopping.wait(interval):
-            self.flush()
+            try:
+                self.flush()
+            except Exception as exc:  # The thread must outlive any failure.
+                if not failing:
+                    log.warning("cannot write the log file %s (%s); retrying every %g s",
+                                self.baseFilename, exc, interval)
+                failing = True
+            else:
+                failing = False
 
     def close(self) -> None:
         self._stopping.set()

@@ -145,6 +145,10 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
 class NonceCache:
     """Remembers recently used ``(access key id, nonce)`` pairs, bounded in memory and time.
 
@@ -158,11 +162,12 @@ class NonceCache:
     by narrowing the accepted window rather than letting a forgotten nonce be replayed.
 
     It holds up to a million entries, so it is built for the garbage collector to skip: a
-    ``dict`` of strings to floats (CPython stops tracking a dict that holds only atomic
-    values), with the arrival order in tuples of 1024 keys (untracked once they hold only
-    strings). An ``OrderedDict`` of tuples to datetimes is walked in full by every full
-    collection: 10.8 ms per collection for 300,000 entries on this project's test VM, paid
-    as a pause of every request in flight.
+    ``dict`` of strings to integer microseconds since the epoch (CPython stops tracking a
+    dict that holds only atomic values; integers keep the comparisons exact), with the
+    arrival order in tuples of 1024 keys (untracked once they hold only strings). An
+    ``OrderedDict`` of tuples to datetimes is walked in full by every full collection:
+    34-39 ms per collection for a million entries on this project's test VM, paid as a
+    pause of every request in flight (BENCHMARKS.md, run F).
 
     Not thread-safe; it is meant for one event loop, where no call is interleaved.
     """
@@ -176,15 +181,15 @@ class NonceCache:
         if window <= timedelta(0):
             raise ValueError("max_skew must be positive")
         self._max_size = max_size
-        self._window = window.total_seconds()
-        # Entry key -> the request's date in POSIX seconds.
-        self._dates: dict[str, float] = {}
+        self._window = window // _MICROSECOND
+        # Entry key -> the request's date in microseconds since the epoch.
+        self._dates: dict[str, int] = {}
         # Arrival order: full chunks, then the open one; ``_front`` indexes the oldest key
         # of the first of them.
         self._chunks: deque[tuple[str, ...]] = deque()
         self._open: list[str] = []
         self._front = 0
-        self._horizon: float | None = None
+        self._horizon: int | None = None
 
     def __len__(self) -> int:
         return len(self._dates)
@@ -192,7 +197,7 @@ class NonceCache:
     @property
     def horizon(self) -> datetime | None:
         """Requests dated at or before this are refused: their nonces may have been dropped."""
-        return None if self._horizon is None else datetime.fromtimestamp(self._horizon, UTC)
+        return None if self._horizon is None else _EPOCH + self._horizon * _MICROSECOND
 
     def remember(self, key: tuple[str, str], *, when: datetime, now: datetime) -> None:
         """Record ``key`` for a request dated ``when`` that was authenticated at ``now``.
@@ -200,8 +205,8 @@ class NonceCache:
         :raises SignatureError: ``SignatureNonceUsed`` for a key seen within the window, and
             ``InvalidTimeStamp.Expired`` for a request older than ``horizon``.
         """
-        dated = when.timestamp()
-        self._purge(now.timestamp())
+        dated = (when - _EPOCH) // _MICROSECOND
+        self._purge((now - _EPOCH) // _MICROSECOND)
         if self._horizon is not None and dated <= self._horizon:
             raise SignatureError(SignatureErrorCode.TIMESTAMP_EXPIRED,
                                  "The server's replay window is full; retry with a new request.")
@@ -220,7 +225,7 @@ class NonceCache:
             self._chunks.append(tuple(self._open))
             self._open = []
 
-    def _pop_oldest(self) -> float:
+    def _pop_oldest(self) -> int:
         chunk = self._chunks[0] if self._chunks else self._open
         entry = chunk[self._front]
         self._front += 1
@@ -232,7 +237,7 @@ class NonceCache:
             self._front = 0
         return self._dates.pop(entry)
 
-    def _purge(self, now: float) -> None:
+    def _purge(self, now: int) -> None:
         limit = now - self._window
         dates = self._dates
         while dates and dates[(self._chunks[0] if self._chunks else self._open)[self._front]] \

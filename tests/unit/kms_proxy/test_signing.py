@@ -17,7 +17,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -623,23 +623,34 @@ class _SmallChunks(NonceCache):
     _CHUNK = 3  # So a short run crosses many chunk boundaries.
 
 
-@settings(max_examples=300, deadline=None)
+_EDGES = [timedelta(seconds=s) for s in (-WINDOW.total_seconds(), WINDOW.total_seconds())]
+
+
+@settings(max_examples=400, deadline=None)
 @given(max_size=st.integers(1, 12),
-       steps=st.lists(st.tuples(st.sampled_from(["ak", "other", "a", "k1:"]),
-                                st.sampled_from(["n", "1", "n1", ":n", "x"]),
-                                st.integers(-20 * 60, 20 * 60),  # date offset from now, s
-                                st.integers(0, 8 * 60)),  # seconds the clock moves first
-                      max_size=80))
+       window=st.sampled_from([WINDOW, timedelta(seconds=1.3), timedelta(microseconds=7)]),
+       steps=st.lists(st.tuples(
+           # ("a", "kx") and ("ak", "x") would be one key if the two were just concatenated.
+           st.sampled_from(["ak", "a", "other", "k1:"]),
+           st.sampled_from(["x", "kx", "1", ":n", "n1"]),
+           # The date's offset from now: anywhere, or exactly on the window's edges.
+           st.one_of(st.integers(-20 * 60 * 10**6, 20 * 60 * 10**6).map(
+               lambda us: timedelta(microseconds=us)), st.sampled_from(_EDGES)),
+           st.integers(0, 8 * 60 * 10**6),  # microseconds the clock moves first
+           st.sampled_from([0, 8, -5])),  # the UTC offset the date is written in, hours
+           max_size=80))
 def test_nonce_cache_behaves_like_the_plain_model(
-        max_size: int, steps: list[tuple[str, str, int, int]]) -> None:
+        max_size: int, window: timedelta,
+        steps: list[tuple[str, str, timedelta, int, int]]) -> None:
     """Outcome, size and horizon after every call match the OrderedDict model: chunking
-    the arrival order changes nothing a caller sees (nor do ids that share a prefix)."""
-    cache, model = _SmallChunks(max_size=max_size, window=WINDOW), \
-        _ReferenceNonceCache(max_size=max_size, window=WINDOW)
+    the arrival order and integer microseconds change nothing a caller sees, whatever the
+    time zone, on the window's edges, and for ids that share a prefix with a nonce."""
+    cache, model = _SmallChunks(max_size=max_size, window=window), \
+        _ReferenceNonceCache(max_size=max_size, window=window)
     now = T0
-    for access_key_id, nonce, offset, advance in steps:
-        now += timedelta(seconds=advance)
-        when = now + timedelta(seconds=offset)
+    for access_key_id, nonce, offset, advance, zone in steps:
+        now += timedelta(microseconds=advance)
+        when = (now + offset).astimezone(timezone(timedelta(hours=zone)))
         outcomes: list[SignatureErrorCode | None] = []
         for target in (cache, model):
             try:
@@ -652,18 +663,56 @@ def test_nonce_cache_behaves_like_the_plain_model(
         assert cache.horizon == model.horizon
 
 
+def test_nonce_cache_refuses_a_replay_on_the_window_edge() -> None:
+    """Dated exactly ``window`` before now, a request still passes the date check, so its
+    nonce must still be known; a microsecond later it is forgotten."""
+    window = timedelta(seconds=1.3)
+    cache = NonceCache(max_size=10, window=window)
+    at = T0 + timedelta(microseconds=6)
+    cache.remember(("ak", "edge"), when=at, now=at)
+    with pytest.raises(SignatureError) as info:
+        cache.remember(("ak", "edge"), when=at, now=at + window)
+    assert info.value.code == SignatureErrorCode.SIGNATURE_NONCE_USED
+    cache.remember(("ak", "edge"), when=at + window + timedelta(microseconds=1),
+                   now=at + window + timedelta(microseconds=1))
+
+
+def test_nonce_cache_horizon_holds_on_the_window_edge() -> None:
+    """A nonce dropped from a full cache stays refused (by the horizon) as long as the date
+    check accepts its date: up to and including exactly ``window`` later."""
+    cache = NonceCache(max_size=1, window=WINDOW)
+    cache.remember(("ak", "dropped"), when=T0, now=T0)
+    cache.remember(("ak", "newer"), when=T0 + timedelta(seconds=1),
+                   now=T0 + timedelta(seconds=1))
+    assert cache.horizon == T0
+    with pytest.raises(SignatureError) as info:
+        cache.remember(("ak", "dropped"), when=T0, now=T0 + WINDOW)
+    assert info.value.code == SignatureErrorCode.TIMESTAMP_EXPIRED
+
+
+def test_nonce_cache_keys_do_not_collide() -> None:
+    cache = NonceCache(max_size=10, window=WINDOW)
+    for pair in (("a", "kx"), ("ak", "x"), ("1", "1:ax"), ("1:a", "x")):
+        cache.remember(pair, when=T0, now=T0)
+    assert len(cache) == 4
+
+
 def test_nonce_cache_is_invisible_to_the_garbage_collector() -> None:
     """A full cache must not lengthen every full collection: after one collection neither
     its map nor its arrival chunks are tracked."""
     cache = NonceCache(max_size=100_000, window=WINDOW)
-    for i in range(5000):
-        cache.remember((ALICE.id, uuid.uuid4().hex), when=T0, now=T0 + timedelta(seconds=i / 1000))
+    # 20,000 requests over 20 minutes: the first 5 minutes' are purged on the way.
+    for i in range(20_000):
+        at = T0 + timedelta(milliseconds=60 * i)
+        cache.remember((ALICE.id, uuid.uuid4().hex), when=at, now=at)
     gc.collect()
-    assert len(cache) == 5000
+    assert 15_000 <= len(cache) < 20_000
+    assert len(cache._open) < NonceCache._CHUNK
     assert not gc.is_tracked(cache._dates)
     assert cache._chunks and not any(gc.is_tracked(chunk) for chunk in cache._chunks)
-    # Still untracked after more entries (strings and floats never make a dict tracked).
-    cache.remember((ALICE.id, "one-more"), when=T0, now=T0 + timedelta(seconds=6))
+    # Still untracked after more entries (strings and ints never make a dict tracked).
+    cache.remember((ALICE.id, "one-more"), when=T0 + timedelta(minutes=20),
+                   now=T0 + timedelta(minutes=20))
     assert not gc.is_tracked(cache._dates)
 
 

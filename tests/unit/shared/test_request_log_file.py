@@ -91,12 +91,76 @@ def test_close_writes_everything_and_stops_the_flusher(tmp_path: Path) -> None:
 
 def test_a_full_buffer_is_written_without_waiting(
         buffered: Callable[..., Opened]) -> None:
-    path, _, logger = buffered("test.buffered.full", flush_interval=3600, buffer_bytes=4096)
-    for i in range(400):  # About 12 KB: the 4 KiB buffer fills at least twice.
+    path, _, logger = buffered("test.buffered.full", flush_interval=3600,
+                               buffer_bytes=16 * 1024)
+    for i in range(1300):  # About 40 KB of 31-byte lines: the 16 KiB buffer must spill.
         logger.info("request %04d %s", i, "x" * 20)
     written = path.read_text()
-    assert 4096 <= len(written) < 400 * 31
+    assert 16 * 1024 <= len(written) < 1300 * 31
+    assert written.endswith("\n")  # Only whole lines are written.
     assert written.splitlines()[0] == f"request 0000 {'x' * 20}"
+
+
+def test_the_buffer_size_is_the_one_given(buffered: Callable[..., Opened]) -> None:
+    """The default 8 KiB buffer would have written long before 200 KB."""
+    path, handler, logger = buffered("test.buffered.size", flush_interval=3600,
+                                     buffer_bytes=1024 * 1024)
+    for i in range(6500):  # About 200 KB.
+        logger.info("request %04d %s", i, "x" * 20)
+    assert path.read_text() == ""
+    handler.flush()
+    assert len(path.read_text().splitlines()) == 6500
+
+
+class _FailsOnce:
+    """A stream whose first flush fails as a full disk does, then works."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream, self.failed = stream, False
+
+    def write(self, text: str) -> int:
+        return int(self._stream.write(text))
+
+    def flush(self) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def test_the_flusher_survives_a_failed_flush(
+        buffered: Callable[..., Opened], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="shared.serving")
+    path, handler, logger = buffered("test.buffered.fails", flush_interval=0.02)
+    logger.info("first")  # Opens the stream.
+    stream = _FailsOnce(handler.stream)
+    with handler.lock:  # type: ignore[union-attr]
+        handler.stream = stream  # type: ignore[assignment]
+    logger.info("second")
+    # The first timed flush fails; a later one writes both lines.
+    assert _wait_for_lines(path, 2, within=5.0) == ["first", "second"]
+    assert stream.failed and handler._flusher.is_alive()
+    assert [r.getMessage() for r in caplog.records if r.name == "shared.serving"] == [
+        f"cannot write the log file {handler.baseFilename} ([Errno 28] No space left on "
+        "device); retrying every 0.02 s"]
+
+
+def test_a_full_device_does_not_stop_the_flusher(buffered: Callable[..., Opened]) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    handler = BufferedFileHandler("/dev/full", flush_interval=0.01)
+    logger = _logger("test.buffered.devfull", handler)
+    try:
+        logger.info("lost")
+        time.sleep(0.2)  # About 20 failed flushes.
+        assert handler._flusher.is_alive()
+    finally:
+        logger.removeHandler(handler)
+        with pytest.raises(OSError):
+            handler.close()  # The last flush fails too, and says so.
 
 
 def test_configure_logging_uses_it_for_a_file_target(tmp_path: Path) -> None:
