@@ -40,6 +40,7 @@ from ekm_sim.registry import KeyRegistry, RegistryError
 from shared import xks
 from shared.pkcs11pool import PKCS11Pool
 from shared.ratelimit import TokenBucket
+from shared.serving import line_writer
 from shared.sigv4 import SigV4Error, SigV4Verifier
 from shared.tls import names_allowed, peer_names
 from shared.xks import ErrorName, XKSError
@@ -55,6 +56,8 @@ BUCKET: Final = web.AppKey("bucket", TokenBucket)
 VERIFIERS: Final = web.AppKey("verifiers", dict)
 # What the request log records about this request, filled in as the request goes.
 LOG_FIELDS: Final = web.RequestKey("log_fields", dict)
+# Writes one request-log line (shared.serving.line_writer, chosen when the app is made).
+LOG_LINE: Final[web.AppKey[Callable[[str], None]]] = web.AppKey("log_line")
 
 request_log = logging.getLogger("ekm_sim.requests")
 log = logging.getLogger("ekm_sim.xks")
@@ -127,6 +130,19 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+_LOG_JSON: Final = json.JSONEncoder(separators=(",", ":"))
+_log_clock: tuple[int, str] = (-1, "")  # The last second formatted, and its text.
+
+
+def _log_time() -> str:
+    # Formatted once a second, not per request.
+    global _log_clock
+    second = int(time.time())
+    if second != _log_clock[0]:
+        _log_clock = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return _log_clock[1]
+
+
 @web.middleware
 async def _request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
@@ -134,7 +150,7 @@ async def _request_log(request: web.Request, handler: Handler) -> web.StreamResp
     response = await handler(request)
     if request_log.isEnabledFor(logging.INFO):
         record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "time": _log_time(),
             "kmsRequestId": fields.get("kmsRequestId"),
             "operation": fields.get("operation"),
             "kmsOperation": fields.get("kmsOperation"),
@@ -147,7 +163,7 @@ async def _request_log(request: web.Request, handler: Handler) -> web.StreamResp
             "latencyMs": round((time.perf_counter() - started) * 1000, 3),
             "remote": request.remote,
         }
-        request_log.info(json.dumps(record, separators=(",", ":")))
+        request.app[LOG_LINE](_LOG_JSON.encode(record))
     return response
 
 
@@ -293,6 +309,7 @@ def create_app(config: Config, *, pool: PKCS11Pool | None = None) -> web.Applica
         middlewares.append(_client_subject_middleware(config.tls.allowed_client_names))
     app = web.Application(middlewares=middlewares, client_max_size=_MAX_BODY)
     app[CONFIG] = config
+    app[LOG_LINE] = line_writer(request_log)
 
     async def keystore_ctx(app: web.Application) -> Any:
         registry = KeyRegistry(config.registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -139,6 +140,37 @@ async def test_keys_lifecycle_against_the_running_server(stack: dict[str, Any]) 
         assert failed.returncode == 2 and "no key 'scratch'" in failed.stderr
     finally:
         await client.session.close()
+
+
+async def test_request_log_file_of_the_running_server(stack: dict[str, Any]) -> None:
+    """The served process writes its request log straight into the batched file (the path
+    tests that build the app in-process do not take): whole JSON lines, within the flush
+    interval, never the plaintext or the secret."""
+    log_file = stack["workdir"] / "requests.log"
+    client = Client(stack)
+    marker = f"log-probe-{os.urandom(6).hex()}"
+    try:
+        status, _ = await client.encrypt("foo", marker.encode())
+        assert status == 200
+        status, _ = await client.call("keys/no-such-key/metadata", {
+            "requestMetadata": metadata("DescribeKey")})
+        assert status == 404
+    finally:
+        await client.session.close()
+    deadline = time.monotonic() + 5
+    while True:
+        records = [json.loads(line) for line in log_file.read_text().splitlines()]
+        done = bool(records) and records[-1].get("keyId") == "no-such-key"
+        if done or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    last_two = records[-2:]
+    assert [(r["operation"], r["keyId"], r["status"]) for r in last_two] == [
+        ("Encrypt", "foo", 200), ("GetKeyMetadata", "no-such-key", 404)]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", last_two[0]["time"])
+    text = log_file.read_text()
+    assert marker not in text and b64(marker.encode()) not in text
+    assert stack["secret_access_key"] not in text
 
 
 async def test_sighup_rotates_credentials(stack: dict[str, Any]) -> None:

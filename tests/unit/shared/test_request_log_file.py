@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from shared.serving import BufferedFileHandler, configure_logging
+from shared.serving import BufferedFileHandler, configure_logging, line_writer
 
 
 def _logger(name: str, handler: logging.Handler) -> logging.Logger:
@@ -208,3 +208,49 @@ def test_two_writers_on_one_file_never_split_a_line(tmp_path: Path) -> None:
     for w in range(2):
         mine = [line for line in lines if line.startswith(f"writer {w} ")]
         assert mine == sorted(mine)
+
+
+def test_line_writer_goes_straight_to_a_configured_file(tmp_path: Path) -> None:
+    path = tmp_path / "direct.log"
+    name = "test.line_writer.direct"
+    configure_logging(name, str(path), line_format="%(message)s", flush_interval=3600)
+    logger = logging.getLogger(name)
+    [handler] = logger.handlers
+    try:
+        write = line_writer(logger)
+        assert write == handler.write_line  # type: ignore[attr-defined]
+        write('{"n":1}')
+        logger.info('{"n":2}')  # The logging path still lands in the same buffer, in order.
+        write('{"n":3}')
+        assert path.read_text() == ""
+        handler.flush()
+        assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+@pytest.mark.parametrize("setup", ["propagates", "second handler", "other format", "filter"])
+def test_line_writer_uses_logging_when_anything_else_listens(
+        tmp_path: Path, setup: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A test's caplog, an operator's extra handler, a different format or a filter must
+    see every line: then it goes through logger.info."""
+    logger = logging.getLogger(f"test.line_writer.{setup.replace(' ', '_')}")
+    handler = BufferedFileHandler(tmp_path / "x.log", flush_interval=3600)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(message)s" if setup == "other format" else "%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = setup == "propagates"
+    extra = logging.NullHandler()
+    if setup == "second handler":
+        logger.addHandler(extra)
+    if setup == "filter":
+        logger.addFilter(lambda record: True)
+    try:
+        assert line_writer(logger) == logger.info
+    finally:
+        logger.removeHandler(handler)
+        logger.removeHandler(extra)
+        logger.filters.clear()
+        handler.close()
