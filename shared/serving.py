@@ -127,20 +127,25 @@ def line_writer(logger: logging.Logger) -> Callable[[str], None]:
     """How to log one preformatted line to ``logger`` at INFO, as cheaply as it allows.
 
     When ``configure_logging`` gave the logger its only handler, a ``BufferedFileHandler``
-    formatting ``%(message)s``, the line goes straight into that file's buffer: the logging
-    module's record, caller lookup and handler chain were about 6% of the EKM simulator's
-    samples under load (py-spy; with the other savings the log went from 13% to 5%,
-    BENCHMARKS.md run F). Otherwise (stderr, or handlers a test or
-    an operator added) it goes through ``logger.info``. Callers still check
-    ``logger.isEnabledFor(logging.INFO)`` first.
+    that writes a record's message as it is, the line goes straight into that file's
+    buffer: the logging module's record, caller lookup and handler chain were about 6% of
+    the EKM simulator's samples under load (py-spy; with the other savings the log went
+    from 13% to 5%, BENCHMARKS.md run F). Otherwise (stderr, or handlers, filters or levels
+    a test or an operator added) it goes through ``logger.info``. The choice is made once,
+    when called; callers still check ``logger.isEnabledFor(logging.INFO)`` per line.
     """
     handlers = logger.handlers
-    if (len(handlers) == 1 and isinstance(handlers[0], BufferedFileHandler)
-            and not logger.propagate and not logger.filters and not handlers[0].filters
-            and handlers[0].formatter is not None
-            and handlers[0].formatter._fmt == "%(message)s"):
-        return handlers[0].write_line
-    return logger.info
+    if len(handlers) != 1 or logger.propagate or logger.filters:
+        return logger.info
+    handler = handlers[0]
+    if (not isinstance(handler, BufferedFileHandler) or handler.filters
+            or handler.level > logging.INFO):
+        return logger.info
+    probe = logging.makeLogRecord({"msg": "probe", "levelno": logging.INFO,
+                                   "levelname": "INFO", "name": logger.name})
+    if handler.format(probe) != "probe":  # Its format adds something to each line.
+        return logger.info
+    return handler.write_line
 
 
 class BackgroundError(Exception):

@@ -230,11 +230,12 @@ def test_line_writer_goes_straight_to_a_configured_file(tmp_path: Path) -> None:
         handler.close()
 
 
-@pytest.mark.parametrize("setup", ["propagates", "second handler", "other format", "filter"])
+@pytest.mark.parametrize("setup", ["propagates", "second handler", "other format", "filter",
+                                   "handler level"])
 def test_line_writer_uses_logging_when_anything_else_listens(
         tmp_path: Path, setup: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A test's caplog, an operator's extra handler, a different format or a filter must
-    see every line: then it goes through logger.info."""
+    """A test's caplog, an operator's extra handler, a different format, a filter or a
+    handler level must have their say on every line: then it goes through logger.info."""
     logger = logging.getLogger(f"test.line_writer.{setup.replace(' ', '_')}")
     handler = BufferedFileHandler(tmp_path / "x.log", flush_interval=3600)
     handler.setFormatter(logging.Formatter(
@@ -247,6 +248,8 @@ def test_line_writer_uses_logging_when_anything_else_listens(
         logger.addHandler(extra)
     if setup == "filter":
         logger.addFilter(lambda record: True)
+    if setup == "handler level":
+        handler.setLevel(logging.WARNING)
     try:
         assert line_writer(logger) == logger.info
     finally:
