@@ -15,6 +15,7 @@ from kms_proxy.core.lifecycle import next_rotation
 from kms_proxy.core.model import (
     Alias,
     Instance,
+    InstanceType,
     Key,
     KeySpec,
     KeyState,
@@ -493,10 +494,23 @@ async def get_kms_instance(c: Call) -> dict[str, Any]:
         "InstanceId": i.instance_id, "InstanceName": i.name, "Status": view.status,
         "Spec": i.spec_qps, "KeyNum": view.key_count, "SecretNum": "0",
         "CreateTime": i.created, "StartDate": i.created,
-        "ChargeType": "POSTPAY", "ProductVersion": "3", "SaleStatus": "normal",
-        # Not one of Alibaba's billing product types: this names the instance type.
-        "ProductType": f"kms_{i.type.value}_instance", "DeletionProtection": False,
+        "ChargeType": "POSTPAY", "ProductVersion": _PRODUCT_VERSION[i.type],
+        "ProductType": _product_type(c.service.region), "SaleStatus": "normal",
+        "DeletionProtection": False,
     }}
+
+
+# BSS CreateInstance's ProductVersion: 1 a hardware, 3 a software key management instance.
+# It names no code for an external (XKI) instance; this front reports it as software.
+_PRODUCT_VERSION: Final[Mapping[InstanceType, str]] = MappingProxyType({
+    InstanceType.SOFTWARE: "3", InstanceType.HARDWARE: "1", InstanceType.EXTERNAL: "3"})
+
+
+def _product_type(region: str) -> str:
+    """The billing product type of a pay-as-you-go (POSTPAY) instance: ``kms_ppi_public_cn``
+    on the China site, ``kms_ppi_public_intl`` on the international one (subscriptions are
+    ``kms_ddi_*``). The site is the account's; a local front infers it from the region."""
+    return "kms_ppi_public_cn" if region.startswith("cn-") else "kms_ppi_public_intl"
 
 
 async def describe_regions(c: Call) -> dict[str, Any]:

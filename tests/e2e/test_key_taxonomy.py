@@ -85,6 +85,9 @@ def test_the_whole_taxonomy(stack: dict[str, Any], sdk: Client) -> None:
     instance = sdk.get_kms_instance(m.GetKmsInstanceRequest(
         kms_instance_id=instances["external"])).body.kms_instance
     assert instance.status == "Connected"
+    hardware = sdk.get_kms_instance(m.GetKmsInstanceRequest(
+        kms_instance_id=instances["hardware"])).body.kms_instance
+    assert (hardware.product_version, instance.product_version) == ("1", "3")
 
     # Default master key: provisioned by the system, server-side encryption only.
     default = default_key_id(sdk)

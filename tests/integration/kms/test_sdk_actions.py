@@ -658,6 +658,10 @@ async def test_instances_and_regions(kms: Kms, client: Client, sig: str) -> None
     assert (got.instance_id, got.instance_name, got.spec, got.key_num) == (
         INSTANCE_A, "software-a", 100000, 2)
     assert got.status == "Connected"
+    # Billing codes as Alibaba reports them: pay-as-you-go on the China site (cn-hangzhou);
+    # BSS CreateInstance's ProductVersion 3 is a software key management instance.
+    assert (got.charge_type, got.product_type, got.product_version) == (
+        "POSTPAY", "kms_ppi_public_cn", "3")
     other = kms.client("b1", sig)
     listed_b = await kms.sdk(other, "list_kms_instances", models.ListKmsInstancesRequest())
     assert [i.kms_instance_id for i in listed_b.kms_instances.kms_instance] == [INSTANCE_B]
