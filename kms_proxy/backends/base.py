@@ -41,7 +41,8 @@ class KeyBackend(Protocol):
 
     async def seal(self, version: KeyVersion, spec: KeySpec, plaintext: bytes,
                    aad: bytes, *, call: CallInfo) -> bytes:
-        """Authenticated symmetric encryption. :raises DependencyUnavailable:"""
+        """Authenticated symmetric encryption under ``aad`` (the core's ``blob_aad``: the
+        version id, then the encryption context). :raises DependencyUnavailable:"""
         ...
 
     async def unseal(self, version: KeyVersion, spec: KeySpec, sealed: bytes,

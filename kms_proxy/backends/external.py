@@ -5,8 +5,9 @@ XKS Proxy API v1 endpoint; the front keeps only the external key id and forwards
 GetKeyMetadata (AES_256, ENCRYPT and DECRYPT, ENABLED; XKS section 4.2); the version's
 material is the external key id in ASCII, nothing secret. ``seal``/``unseal`` are XKS
 Encrypt/Decrypt with ``requestMetadata`` from the call (principal ARN, key ARN, operation,
-request id), the core's canonical encryption-context AAD as the XKS AAD, and a ciphertext
-data integrity value (CDIV) requested on every Encrypt and checked by the client.
+request id), the core's AAD (the key version id, then the canonical encryption context)
+as the XKS AAD, and a ciphertext data integrity value (CDIV) requested on every Encrypt
+and checked by the client.
 
 Sealed layout (what the core puts after the key version id in the ciphertext blob)::
 
@@ -50,6 +51,7 @@ from kms_proxy.backends.xks_client import (
     XKSRejected,
     XKSUnavailable,
 )
+from kms_proxy.core.blob import VERSION_ID_LENGTH
 from kms_proxy.core.errors import (
     AccessDenied,
     DependencyUnavailable,
@@ -291,8 +293,9 @@ class ExternalBackend:
         :raises InvalidParameter: for an encryption context too large for XKS.
         """
         if len(aad) > MAX_AAD_BYTES:
-            raise InvalidParameter("EncryptionContext", f"must be at most {MAX_AAD_BYTES} "
-                                                        "bytes for an external key")
+            raise InvalidParameter("EncryptionContext", "must be at most "
+                                   f"{MAX_AAD_BYTES - VERSION_ID_LENGTH} bytes (as compact "
+                                   "JSON) for an external key")
         external_key_id = _external_key_id(version)
         request = EncryptRequest(metadata=_metadata(call), plaintext=plaintext,
                                  aad=aad or None, want_cdiv=True)

@@ -7,7 +7,11 @@ id leads, so Decrypt finds the key without a KeyId, and a rotation or a change o
 stays transparent: the version decides the key and its spec.
 
 The encryption context is not stored; it is canonicalised (sorted keys, compact JSON,
-UTF-8) into the AAD, so equal contexts in any order decrypt.
+UTF-8) into the AAD, so equal contexts in any order decrypt. The AAD starts with the key
+version id, so the blob's unauthenticated head cannot be swapped: versions that share
+material (external keys linked to one EKM key, in any account; BYOK keys given the same
+material) would otherwise decrypt each other's blobs, past a disabled key or another
+account's boundary.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Final
 
 from kms_proxy.core.errors import InvalidCiphertext
 
-__all__ = ["VERSION_ID_LENGTH", "context_aad", "join_blob", "split_blob"]
+__all__ = ["VERSION_ID_LENGTH", "blob_aad", "join_blob", "split_blob"]
 
 VERSION_ID_LENGTH: Final = 36
 _UUID: Final = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -39,9 +43,13 @@ def split_blob(blob: bytes) -> tuple[str, bytes]:
     return head.decode("ascii"), sealed
 
 
-def context_aad(context: Mapping[str, str] | None) -> bytes:
-    """The AAD for an encryption context: order-independent, empty for no context."""
+def blob_aad(version_id: str, context: Mapping[str, str] | None) -> bytes:
+    """The AAD of a blob of ``version_id``: the version id (36 bytes, so the two parts
+    cannot be confused), then the encryption context, order-independent (nothing more
+    for no context)."""
+    head = version_id.encode("ascii")
+    assert len(head) == VERSION_ID_LENGTH, "key version ids are UUIDs"
     if not context:
-        return b""
-    return json.dumps(dict(context), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode()
+        return head
+    return head + json.dumps(dict(context), sort_keys=True, separators=(",", ":"),
+                             ensure_ascii=False).encode()

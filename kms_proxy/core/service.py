@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from kms_proxy.backends.base import KeyBackend
-from kms_proxy.core.blob import context_aad, join_blob, split_blob
+from kms_proxy.core.blob import blob_aad, join_blob, split_blob
 from kms_proxy.core.calls import current_request_id
 from kms_proxy.core.capabilities import KIND_INSTANCE, Op, require, spec_info
 from kms_proxy.core.errors import (
@@ -578,7 +578,8 @@ class KeyService:
     async def _seal(self, principal: Principal, op: Op, key: Key, plaintext: bytes,
                     context: Mapping[str, str] | None) -> CryptoResult:
         backend, version = await self._backend_version(key)
-        sealed = await backend.seal(version, key.spec, plaintext, context_aad(context),
+        sealed = await backend.seal(version, key.spec, plaintext,
+                                    blob_aad(version.version_id, context),
                                     call=self._call(principal, op, key.arn))
         return CryptoResult(key.key_id, version.version_id, join_blob(version.version_id,
                                                                       sealed))
@@ -617,7 +618,7 @@ class KeyService:
         require_state(key.state, op)
         self._throttle(key)
         plaintext = await self._backend(key.kind, key.instance_id).unseal(
-            version, key.spec, sealed, context_aad(context),
+            version, key.spec, sealed, blob_aad(version.version_id, context),
             call=self._call(principal, op, key.arn))
         return CryptoResult(key.key_id, version.version_id, plaintext=plaintext)
 

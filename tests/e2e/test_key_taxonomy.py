@@ -23,7 +23,7 @@ from alibabacloud_kms20160120.client import Client
 from alibabacloud_tea_openapi import models as open_api
 from darabonba.runtime import RuntimeOptions
 
-from tests.e2e.stacktools import ServiceClient, default_key_id, refused, run
+from tests.e2e.stacktools import ServiceClient, default_key_id, refused, run, sdk_for
 
 
 def test_the_whole_taxonomy(stack: dict[str, Any], sdk: Client) -> None:
@@ -196,3 +196,41 @@ def test_ekm_outage_gives_a_typed_error_within_the_budget_and_recovers(
                        capture_output=True)
     assert sdk.decrypt(m.DecryptRequest(ciphertext_blob=sealed.ciphertext_blob)
                        ).body.plaintext == "before"
+
+
+def _external_key(client: Client, instance_id: str, external_key_id: str) -> dict[str, Any]:
+    params = open_api.Params(action="CreateKey", version="2016-01-20", protocol="HTTPS",
+                             pathname="/", method="POST", auth_type="AK", style="RPC",
+                             req_body_type="formData", body_type="json")
+    body = client.call_api(params, open_api.OpenApiRequest(query={
+        "DKMSInstanceId": instance_id, "ExternalKeyId": external_key_id}),
+        RuntimeOptions())["body"]
+    metadata: dict[str, Any] = body["KeyMetadata"]
+    return metadata
+
+
+def test_external_keys_on_one_ekm_key_cannot_read_each_others_blobs(
+        stack: dict[str, Any], sdk: Client) -> None:
+    """Every account's external instance reaches the same EKM key here, so without the key
+    version id in the XKS AAD a blob's head could be swapped for another key's: past a
+    disabled key, and across accounts."""
+    ekm_key = stack["ekm"]["keys"]["default"]
+    first, second = (account["id"] for account in stack["accounts"][:2])
+    other_sdk = sdk_for(stack, second)
+    mine = _external_key(sdk, stack["instances_by_account"][first]["external"], ekm_key)
+    also_mine = _external_key(sdk, stack["instances_by_account"][first]["external"], ekm_key)
+    theirs = _external_key(other_sdk, stack["instances_by_account"][second]["external"],
+                           ekm_key)
+    blob = base64.b64decode(sdk.encrypt(m.EncryptRequest(
+        key_id=mine["KeyId"], plaintext="only mine")).body.ciphertext_blob)
+    sdk.disable_key(m.DisableKeyRequest(key_id=mine["KeyId"]))
+
+    def swapped(key: dict[str, Any]) -> str:
+        return base64.b64encode(key["PrimaryKeyVersion"].encode() + blob[36:]).decode()
+
+    assert refused(lambda: sdk.decrypt(m.DecryptRequest(
+        ciphertext_blob=swapped(also_mine)))) == (400, "InvalidParameter")
+    assert refused(lambda: other_sdk.decrypt(m.DecryptRequest(
+        ciphertext_blob=swapped(theirs)))) == (400, "InvalidParameter")
+    assert refused(lambda: sdk.decrypt(m.DecryptRequest(
+        ciphertext_blob=base64.b64encode(blob).decode()))) == (409, "Rejected.Disabled")

@@ -208,9 +208,11 @@ def unix(moment: datetime) -> int:
 
 def open_independently(material: bytes, blob: bytes, context: Mapping[str, str]) -> bytes:
     """Decrypt a blob with ``cryptography`` and the raw material (the documented layout:
-    version id (36) || IV (12) || ciphertext || tag (16); AAD = canonical context JSON)."""
+    version id (36) || IV (12) || ciphertext || tag (16); AAD = the version id, then the
+    canonical context JSON)."""
     sealed = blob[36:]
-    aad = json.dumps(dict(context), sort_keys=True, separators=(",", ":")).encode()
+    aad = blob[:36] + json.dumps(dict(context), sort_keys=True,
+                                 separators=(",", ":")).encode()
     return AESGCM(material).decrypt(sealed[:12], sealed[12:], aad)
 
 
@@ -728,6 +730,37 @@ async def test_concurrent_imports_make_one_token_object(build: Build, pool: PKCS
     assert len(await pool.run(token_objects(LABEL=key.primary_version_id))) == 1
     blob = (await service.encrypt(USER, key.key_id, b"once", CONTEXT)).blob
     assert open_independently(material, blob, CONTEXT) == b"once"
+
+
+async def test_keys_sharing_material_cannot_read_each_others_blobs(
+        build: Build, hsm: HSMBackend) -> None:
+    """The blob's head (the key version id) is not secret and not encrypted: swapping it
+    must not let another key holding the same material decrypt (the AAD binds it)."""
+    service = (await build(hsm=hsm)).service
+    material = os.urandom(32)
+    keys = [await create(service, origin=Origin.EXTERNAL),
+            await create(service, origin=Origin.EXTERNAL),
+            await create(service, origin=Origin.EXTERNAL, instance=HARDWARE_INSTANCE),
+            await create(service, origin=Origin.EXTERNAL, instance=HARDWARE_INSTANCE,
+                         storage=DATABASE)]
+    for key in keys:
+        await import_material(service, key.key_id, material)
+    for source in keys:
+        blob = (await service.encrypt(USER, source.key_id, b"only mine", CONTEXT)).blob
+        assert blob[:36] == source.primary_version_id.encode()
+        assert await decrypts(service, blob) == b"only mine"
+        for other in keys:
+            if other is not source:
+                swapped = other.primary_version_id.encode() + blob[36:]
+                with pytest.raises(InvalidCiphertext):
+                    await service.decrypt(USER, swapped, CONTEXT)
+    # Still refused once the source key is disabled: the swap is no way around that.
+    blob = (await service.encrypt(USER, keys[0].key_id, b"x", CONTEXT)).blob
+    await service.set_enabled(USER, keys[0].key_id, False)
+    with pytest.raises(KeyStateInvalid):
+        await service.decrypt(USER, blob, CONTEXT)
+    with pytest.raises(InvalidCiphertext):
+        await service.decrypt(USER, keys[1].primary_version_id.encode() + blob[36:], CONTEXT)
 
 
 async def test_hardware_byok_in_the_encrypted_database(build: Build, pool: PKCS11Pool,
