@@ -45,7 +45,7 @@ from shared.sigv4 import SigV4Error, SigV4Verifier
 from shared.tls import names_allowed, peer_names
 from shared.xks import ErrorName, XKSError
 
-__all__ = ["CONFIG", "KEYSTORE", "create_app", "reload_credentials"]
+__all__ = ["CONFIG", "KEYSTORE", "create_app", "reload_credentials", "unparsable_answer"]
 
 CONFIG: Final = web.AppKey("config", Config)
 KEYSTORE: Final = web.AppKey("keystore", KeyStore)
@@ -86,6 +86,13 @@ def _json(obj: dict[str, Any], status: int = 200) -> web.Response:
 
 def render_error(error: XKSError, *, status: int | None = None) -> web.Response:
     return _json(error.body(), status or error.status)
+
+
+def unparsable_answer(status: int) -> web.Response:
+    """The answer to a request that is not valid HTTP (``shared.unparsable``), without the
+    parser's message, which quotes the request."""
+    return render_error(XKSError(ErrorName.VALIDATION, "the request is not valid HTTP/1.1"),
+                        status=status)
 
 
 def _from_http(exc: web.HTTPException) -> tuple[XKSError, int | None]:

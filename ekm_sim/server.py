@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ekm_sim.app import create_app, ping, reload_credentials
+from ekm_sim.app import create_app, ping, reload_credentials, unparsable_answer
 from ekm_sim.config import Config, ConfigError, load
 from shared.serving import configure_logging, run_loop, serve_app
 from shared.tls import server_context
@@ -61,7 +61,7 @@ async def _run(config: Config, config_path: Path, port: int, port_file: Path | N
 
     await serve_app(create_app(config), name="ekm-sim", host=config.server.host, port=port,
                     ssl_context=ssl_ctx, port_file=port_file, reuse_port=True,
-                    extra_sites=extra, on_hangup=reload)
+                    extra_sites=extra, on_hangup=reload, unparsable=unparsable_answer)
 
 
 def serve(config: Config, *, config_path: Path, port_file: Path | None = None,

@@ -47,7 +47,7 @@ from kms_proxy.store.sqlite import SQLiteStore
 from shared.pkcs11pool import DispatchMode, PKCS11Pool, PoolConfig
 from shared.sigv4 import Credential
 
-__all__ = ["AUDIT", "CONFIG", "SERVICE", "create_app"]
+__all__ = ["AUDIT", "CONFIG", "SERVICE", "create_app", "unparsable_answer"]
 
 CONFIG: Final = web.AppKey("config", Config)
 SERVICE: Final = web.AppKey("service", KeyService)
@@ -81,6 +81,13 @@ def _from_http(exc: web.HTTPException) -> ApiError:
     if exc.status == 413:
         return ApiError("InvalidParameter", 400, "The request is too large.")
     return ApiError("InvalidParameter", 400, exc.reason)
+
+
+def unparsable_answer(status: int) -> web.Response:
+    """The answer to a request that is not valid HTTP (``shared.unparsable``): the parser's
+    message is not repeated, since it quotes the request, e.g. a query's Plaintext."""
+    error = ApiError("InvalidParameter", status, "The request is not valid HTTP/1.1.")
+    return _json(error_body(error, str(uuid.uuid4()).upper()), status)
 
 
 @web.middleware

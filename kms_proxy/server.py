@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kms_proxy.app import create_app
+from kms_proxy.app import create_app, unparsable_answer
 from kms_proxy.config import Config
 from shared.serving import configure_logging, run_loop, serve_app
 from shared.tls import server_context
@@ -23,5 +23,6 @@ def serve(config: Config, *, port_file: Path | None = None) -> None:
                                  client_ca=config.server.client_ca,
                                  require_client_cert=config.server.require_client_cert)
     run_loop(serve_app(create_app(config), name="kms-proxy", host=config.server.host,
-                       port=config.server.port, ssl_context=ssl_ctx, port_file=port_file),
+                       port=config.server.port, ssl_context=ssl_ctx, port_file=port_file,
+                       unparsable=unparsable_answer),
              event_loop=config.server.event_loop)

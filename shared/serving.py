@@ -20,6 +20,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from shared.unparsable import Answer, ProtocolErrorRunner
+
 __all__ = ["EVENT_LOOPS", "BackgroundError", "BufferedFileHandler", "configure_logging",
            "line_writer", "run_loop", "serve_app", "start_background", "stop_process",
            "write_atomically"]
@@ -186,17 +188,20 @@ def _settle_heap() -> None:
 
 
 async def serve_app(app: web.Application, *, name: str, host: str, port: int,
-                    ssl_context: ssl.SSLContext | None, port_file: Path | None = None,
+                    ssl_context: ssl.SSLContext | None, unparsable: Answer,
+                    port_file: Path | None = None,
                     reuse_port: bool = False,
                     extra_sites: Sequence[tuple[web.Application, int]] = (),
                     on_hangup: Callable[[web.Application], None] | None = None) -> None:
     """Serve ``app`` (and plain-HTTP ``extra_sites``) until SIGTERM or SIGINT.
 
     The bound port (useful with ``port=0``) is written to ``port_file`` once listening;
-    SIGHUP calls ``on_hangup``.
+    SIGHUP calls ``on_hangup``. A request that is not valid HTTP gets ``unparsable``'s
+    answer (``shared.unparsable``), on every site.
     """
     runners = []
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = ProtocolErrorRunner(app, answer=unparsable, access_log=None,
+                                 handle_signals=False)
     await runner.setup()
     runners.append(runner)
     _settle_heap()
@@ -204,7 +209,8 @@ async def serve_app(app: web.Application, *, name: str, host: str, port: int,
                       backlog=1024).start()
     bound = int(runner.addresses[0][1])
     for extra_app, extra_port in extra_sites:
-        extra = web.AppRunner(extra_app, access_log=None, handle_signals=False)
+        extra = ProtocolErrorRunner(extra_app, answer=unparsable, access_log=None,
+                                    handle_signals=False)
         await extra.setup()
         runners.append(extra)
         await web.TCPSite(extra, host, extra_port, reuse_port=reuse_port).start()

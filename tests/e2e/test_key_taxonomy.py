@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alibabacloud_kms20160120 import models as m
 from alibabacloud_kms20160120.client import Client
 from alibabacloud_tea_openapi import models as open_api
@@ -234,3 +235,18 @@ def test_external_keys_on_one_ekm_key_cannot_read_each_others_blobs(
         ciphertext_blob=swapped(theirs)))) == (400, "InvalidParameter")
     assert refused(lambda: sdk.decrypt(m.DecryptRequest(
         ciphertext_blob=base64.b64encode(blob).decode()))) == (409, "Rejected.Disabled")
+
+
+def test_an_oversized_request_line_is_refused_without_echoing_it(
+        stack: dict[str, Any], sdk: Client) -> None:
+    """The SDK puts Plaintext in the query: past the front's 64 KiB request line, aiohttp's
+    parser refuses the request. The answer is the Alibaba error the SDK reads, and neither
+    it nor the front's log quotes the plaintext."""
+    marker = "E2E-SECRET-5d1c"
+    with pytest.raises(Exception) as caught:
+        sdk.encrypt(m.EncryptRequest(key_id=stack["keys"]["software"],
+                                     plaintext=marker + "中" * 8000))
+    error: Any = caught.value
+    assert (error.status_code, error.code) == (400, "InvalidParameter")
+    assert marker not in str(error)
+    assert marker not in Path(stack["log"]).read_text(errors="replace")
