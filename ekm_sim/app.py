@@ -223,7 +223,9 @@ async def _body(request: web.Request, operation: str) -> Any:
         raise XKSError(ErrorName.VALIDATION, "Content-Type must be application/json")
     try:
         return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # ValueError covers UnicodeDecodeError; RecursionError is nesting deeper than the
+        # parser's recursion limit (400 KB of "[" is under the body limit).
         raise XKSError(ErrorName.VALIDATION, "the body is not valid JSON") from None
 
 

@@ -54,6 +54,8 @@ SERVICE: Final = web.AppKey("service", KeyService)
 AUDIT: Final = web.AppKey("audit", AuditLog)
 VERIFIER: Final = web.AppKey("verifier", RequestVerifier)
 TOKENS: Final = web.AppKey("tokens", TokenVerifier)
+# The accounts this front hosts: a service token acting for any other is refused.
+ACCOUNT_IDS: Final = web.AppKey("account_ids", frozenset[str])
 REQUEST_ID: Final = web.RequestKey("request_id", str)
 
 API_VERSION: Final = "2016-01-20"
@@ -119,15 +121,27 @@ async def _parameters(request: web.Request) -> tuple[dict[str, str], dict[str, s
     """Query and form parameters (each name once) and the raw body."""
     body = await request.read()
     query: dict[str, str] = {}
-    for name, value in parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True):
+    try:
+        # Strict: invalid UTF-8 after percent-decoding is refused, not replaced by U+FFFD
+        # (a Plaintext would be encrypted changed).
+        query_pairs = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
+                                errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError("InvalidParameter", 400, "The query string is not valid UTF-8.") \
+            from None
+    for name, value in query_pairs:
         if name in query:
             raise ApiError("InvalidParameter", 400, f'The parameter "{name}" is repeated.')
         query[name] = value
     form: dict[str, str] = {}
     if request.content_type == "application/x-www-form-urlencoded" and body:
         try:
-            pairs = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True)
-        except (UnicodeDecodeError, ValueError):
+            pairs = parse_qsl(body.decode(), keep_blank_values=True, strict_parsing=True,
+                              errors="strict")
+        except UnicodeDecodeError:
+            raise ApiError("InvalidParameter", 400,
+                           "The form body is not valid UTF-8.") from None
+        except ValueError:
             raise ApiError("InvalidParameter", 400, "The form body is malformed.") from None
         for name, value in pairs:
             if name in form or name in query:
@@ -146,6 +160,11 @@ def _authenticate(request: web.Request, query: dict[str, str], form: dict[str, s
             claims = request.app[TOKENS].verify(authorization[len("Bearer "):].strip())
         except TokenError as exc:
             raise ApiError(exc.code, exc.status, exc.message) from None
+        if claims.account_id not in request.app[ACCOUNT_IDS]:
+            # A trusted issuer's token for an account this front does not host: refused
+            # before anything (a service key) could be made for it.
+            raise ApiError("Forbidden.KmsServiceNotEnabled", 403,
+                           "KMS is not enabled for the account the bearer token acts for.")
         return Principal(account_id=claims.account_id, name=claims.product,
                          kind=PrincipalKind.SERVICE, product=claims.product)
     try:
@@ -255,6 +274,7 @@ def create_app(config: Config) -> web.Application:
                                  algorithms=i.algorithms, jwks_file=i.jwks_file,
                                  pem_file=i.pem_file)
         for i in config.trusted_issuers])
+    app[ACCOUNT_IDS] = frozenset(a.id for a in config.accounts)
 
     async def resources(app: web.Application) -> Any:
         async with AsyncExitStack() as stack:

@@ -97,7 +97,8 @@ class TokenVerifier:
             raise TokenError("InvalidSecurityToken.Malformed",
                              "The bearer token's issuer is not trusted.")
         algorithm = unverified_header.get("alg")
-        if algorithm not in issuer.algorithms:
+        # A JSON header may hold any value here (a list or object is not even hashable).
+        if not isinstance(algorithm, str) or algorithm not in issuer.algorithms:
             raise TokenError("InvalidSecurityToken.Malformed",
                              f"The bearer token's algorithm {str(algorithm)[:16]!r} is not "
                              "accepted for its issuer.")

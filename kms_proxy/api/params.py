@@ -116,10 +116,18 @@ class Params:
         if value in (None, ""):
             return None
         try:
-            return json.loads(value)
+            parsed = json.loads(value)
+            if "\\u" in value:
+                # A \uD800-style escape decodes to a lone surrogate, a str that is not
+                # Unicode text: it could not become UTF-8 (the AAD) or a database value.
+                json.dumps(parsed, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidParameter(name, "holds a lone surrogate (\\uD800-\\uDFFF), "
+                                         "not Unicode text") from None
         except (ValueError, RecursionError):
             # RecursionError: nesting deeper than the parser's recursion limit.
             raise InvalidParameter(name, "not valid JSON") from None
+        return parsed
 
     def context(self, name: str = "EncryptionContext") -> dict[str, str] | None:
         """A JSON object of string to string, at most 8192 characters in all."""

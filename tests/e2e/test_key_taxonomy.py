@@ -24,6 +24,7 @@ from alibabacloud_kms20160120.client import Client
 from alibabacloud_tea_openapi import models as open_api
 from darabonba.runtime import RuntimeOptions
 
+from kms_proxy.demo import ServicePrincipal
 from tests.e2e.stacktools import ServiceClient, default_key_id, refused, run, sdk_for
 
 
@@ -250,3 +251,32 @@ def test_an_oversized_request_line_is_refused_without_echoing_it(
     assert (error.status_code, error.code) == (400, "InvalidParameter")
     assert marker not in str(error)
     assert marker not in Path(stack["log"]).read_text(errors="replace")
+
+
+def _b64url(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def test_bearer_tokens_refused_over_http(stack: dict[str, Any]) -> None:
+    """Service tokens the front must refuse, sent as a cloud product sends them."""
+    # Signed by the trusted dev issuer, for an account this front does not host: no
+    # service key may be made for it.
+    phantom = run("dev", "token", "--workdir", str(stack["workdir"]), "--product", "oss",
+                  "--account", "111111222222").strip()
+    status, body = ServicePrincipal(stack, "oss", token=phantom).call(
+        "Encrypt", KeyId="alias/acs/oss", Plaintext="x")
+    assert (status, body["Code"]) == (403, "Forbidden.KmsServiceNotEnabled")
+    # Headers an attacker controls: no algorithm at all, and algorithms that are not
+    # strings (a list or an object once made the check itself fail).
+    good = run("dev", "token", "--workdir", str(stack["workdir"]), "--product", "oss",
+               "--account", stack["account_id"]).strip()
+    claims = good.split(".")[1]
+    for header in ({"alg": "none", "typ": "JWT"}, {"alg": ["ES256"]}, {"alg": {"a": 1}},
+                   {"alg": "HS256"}):
+        forged = f"{_b64url(header)}.{claims}.AAAA"
+        status, body = ServicePrincipal(stack, "oss", token=forged).call(
+            "Encrypt", KeyId="alias/acs/oss", Plaintext="x")
+        assert (status, body["Code"]) == (400, "InvalidSecurityToken.Malformed"), header
+    status, body = ServicePrincipal(stack, "oss", token=good).call(
+        "Encrypt", KeyId="alias/acs/oss", Plaintext="x")
+    assert status == 200, body

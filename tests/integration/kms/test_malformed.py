@@ -401,6 +401,45 @@ async def test_deeply_nested_json(kms: Kms, client: Client, world: World, action
     assert_error(reply, 400, "InvalidParameter", names=name)
 
 
+@pytest.mark.parametrize(("action", "name", "value"), [
+    ("Encrypt", "EncryptionContext", '{"a":"\\ud800"}'),
+    ("Encrypt", "EncryptionContext", '{"\\udfff":"b"}'),
+    ("GenerateDataKey", "EncryptionContext", '{"a":"x\\ud83d"}'),
+    ("Decrypt", "EncryptionContext", '{"a":"\\ud800"}'),
+    ("CreateKey", "Tags", '[{"TagKey":"\\ud800","TagValue":"v"}]'),
+    ("UntagResource", "TagKeys", '["\\ud800"]'),
+    ("ListKeys", "Filters", '[{"Key":"KeySpec","Values":["\\ud800"]}]')])
+async def test_lone_surrogate_escapes_in_json(kms: Kms, client: Client, world: World,
+                                              action: str, name: str, value: str) -> None:
+    """A JSON escape of half a surrogate pair is valid JSON but not Unicode text: it
+    could become neither the UTF-8 AAD nor a database value."""
+    params = {"KeyId": world.key_id, "Plaintext": "x", "CiphertextBlob": world.blob_b64,
+              name: value}
+    before = kms.counts()
+    reply = await kms.call(client, action, params)
+    assert kms.counts() == before
+    assert_error(reply, 400, "InvalidParameter", names=name)
+    # A whole pair is text (U+1F600) and works.
+    if action == "Encrypt":
+        reply = await kms.call(client, action, {**params, name: '{"a":"\\ud83d\\ude00"}'})
+        assert reply.status == 200
+
+
+@pytest.mark.parametrize("where", ["query", "form"])
+async def test_invalid_utf8_after_percent_decoding_is_refused(kms: Kms, where: str) -> None:
+    """``%FF%FE`` is not UTF-8: refused, not turned into U+FFFD and encrypted changed."""
+    raw = "Action=Encrypt&Version=2016-01-20&KeyId=k&Plaintext=%FF%FEabc"
+    if where == "query":
+        status, _, body = await kms.http("POST", f"/?{raw}")
+    else:
+        status, _, body = await kms.http(
+            "POST", "/", data=raw.encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+    reply = Reply(status, json.loads(body))
+    assert_error(reply, 400, "InvalidParameter")
+    assert "UTF-8" in reply.body["Message"]
+
+
 @pytest.mark.parametrize("action", ["GenerateAndExportDataKey", "ExportDataKey"])
 async def test_export_of_a_data_key_too_long_for_the_wrapping_key(
         kms: Kms, client: Client, world: World, action: str) -> None:
@@ -530,7 +569,10 @@ async def test_random_text_never_yields_a_500(kms: Kms, client: Client, world: W
             lambda t: b64(base[:t[0]] + bytes([base[t[0]] ^ t[1]]) + base[t[0] + 1:])),
         st.integers(0, len(base)).map(lambda n: b64(base[:n])),
     )
+    # Any code point, lone surrogates too: JSON escapes them (\\ud800), so a client can send one.
+    any_text = st.text(st.characters(), max_size=40)
     contexts = st.one_of(TEXT, st.dictionaries(TEXT, TEXT, max_size=4).map(json.dumps),
+                         st.dictionaries(any_text, any_text, max_size=3).map(json.dumps),
                          st.recursive(st.none() | st.booleans() | st.integers() | TEXT,
                                       lambda c: st.lists(c, max_size=3)
                                       | st.dictionaries(TEXT, c, max_size=3),
