@@ -14,6 +14,7 @@ from kms_proxy.core.errors import (
     AccessDenied,
     AliasAlreadyExists,
     AliasNotFound,
+    ConcurrentChange,
     DeletionProtected,
     DependencyUnavailable,
     ExpiredImportToken,
@@ -58,6 +59,7 @@ ERRORS: Final[Mapping[type[KmsError], tuple[str, int]]] = MappingProxyType({
     # Alibaba documents no code for scheduling a protected key's deletion; the refusal is a
     # permission one (the protection must be lifted first), so the permission code.
     DeletionProtected: ("Forbidden.NoPermission", 403),
+    ConcurrentChange: ("Rejected.StateModifiedFailed", 409),
 })
 
 

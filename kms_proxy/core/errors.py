@@ -7,6 +7,7 @@ __all__ = [
     "AccessDenied",
     "AliasAlreadyExists",
     "AliasNotFound",
+    "ConcurrentChange",
     "DeletionProtected",
     "DependencyUnavailable",
     "ExpiredImportToken",
@@ -82,6 +83,15 @@ class KeyStateInvalid(KmsError):
         super().__init__(f"The request was rejected because the key state is {state}."
                          + (f" {reason}" if reason else ""))
         self.state, self.action, self.code = state, action, code
+
+
+class ConcurrentChange(KmsError):
+    """The key changed after this request read it; retrying reads it again. Every change
+    holds the key's lock (``core.keylocks``), so this is a safety net, not a path."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"The key {key_id} was changed by a concurrent request; retry.")
+        self.key_id = key_id
 
 
 class UnsupportedOperation(KmsError):

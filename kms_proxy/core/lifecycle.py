@@ -11,13 +11,13 @@ rotation/import rules), then the key-state table, then its own parameters agains
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hmac
 import json
 import uuid
 from base64 import b64decode, b64encode
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
 
@@ -36,6 +36,7 @@ from kms_proxy.core.errors import (
     MissingParameter,
     UnsupportedOperation,
 )
+from kms_proxy.core.keylocks import KeyLocks
 from kms_proxy.core.model import (
     CallInfo,
     Key,
@@ -94,6 +95,7 @@ class ServiceCore(Protocol):
     _backends: Mapping[KeyKind, KeyBackend]
     _keys: dict[str, Key]
     _versions: dict[str, KeyVersion]
+    key_locks: KeyLocks
 
     @property
     def region(self) -> str: ...
@@ -106,6 +108,11 @@ class ServiceCore(Protocol):
     def _call(self, principal: Principal, op: Op, key_arn: str) -> CallInfo: ...
 
     async def _save(self, key: Key, versions: Sequence[KeyVersion] = ()) -> Key: ...
+
+    def changing(self, principal: Principal, key_ref: str,
+                 op: Op | None = None) -> AbstractAsyncContextManager[Key]: ...
+
+    async def _key(self, key_id: str) -> Key | None: ...
 
     async def _version(self, version_id: str) -> KeyVersion | None: ...
 
@@ -125,9 +132,6 @@ class KeyLifecycle:
         # Told of everything done on a schedule, by the sweep or by a request that found it
         # due (the front audits each as done by KMS itself).
         self.on_event: Callable[[SweepEvent], None] | None = None
-        # One material change at a time per key: two concurrent imports into an empty
-        # HsmInternal version would each make a token object with the version's label.
-        self._material_locks: dict[str, asyncio.Lock] = {}
 
     def _emit(self, event: SweepEvent, sink: list[SweepEvent] | None) -> None:
         if sink is not None:
@@ -160,11 +164,11 @@ class KeyLifecycle:
 
         :raises UnsupportedOperation: where the key may not rotate. :raises KeyStateInvalid:
         """
-        key = await self._s.resolve(principal, key_ref)
-        require_rotation(key, Op.CREATE_KEY_VERSION, principal.kind,
-                         addon=self._has_addon(key))
-        require_state(key.state, Op.CREATE_KEY_VERSION)
-        return await self._rotate(key, principal)
+        async with self._s.changing(principal, key_ref) as key:
+            require_rotation(key, Op.CREATE_KEY_VERSION, principal.kind,
+                             addon=self._has_addon(key))
+            require_state(key.state, Op.CREATE_KEY_VERSION)
+            return await self._rotate(key, principal)
 
     async def _rotate(self, key: Key, principal: Principal) -> KeyVersion:
         version_id = str(uuid.uuid4())
@@ -198,15 +202,16 @@ class KeyLifecycle:
 
     async def update_rotation_policy(self, principal: Principal, key_ref: str,
                                      *, enabled: bool, interval: int | None) -> Key:
-        key = await self._s.resolve(principal, key_ref)
-        require_rotation(key, Op.UPDATE_ROTATION_POLICY, principal.kind,
-                         addon=self._has_addon(key))
-        require_state(key.state, Op.UPDATE_ROTATION_POLICY)
-        if not enabled:
-            return await self._s._save(dataclasses.replace(key, rotation_interval=None))
-        interval = self.check_rotation_interval(key, interval, principal.kind)
-        return await self._s._save(dataclasses.replace(
-            key, rotation_interval=interval, last_rotation=key.last_rotation or key.created))
+        async with self._s.changing(principal, key_ref) as key:
+            require_rotation(key, Op.UPDATE_ROTATION_POLICY, principal.kind,
+                             addon=self._has_addon(key))
+            require_state(key.state, Op.UPDATE_ROTATION_POLICY)
+            if not enabled:
+                return await self._s._save(dataclasses.replace(key, rotation_interval=None))
+            interval = self.check_rotation_interval(key, interval, principal.kind)
+            return await self._s._save(dataclasses.replace(
+                key, rotation_interval=interval,
+                last_rotation=key.last_rotation or key.created))
 
     # -- deletion ------------------------------------------------------------------------
 
@@ -219,30 +224,31 @@ class KeyLifecycle:
         if not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
             raise InvalidParameter("PendingWindowInDays",
                                    f"{MIN_PENDING_DAYS} to {MAX_PENDING_DAYS} days")
-        key = await self._s._usable(principal, key_ref, Op.SCHEDULE_KEY_DELETION)
-        if key.deletion_protection:
-            raise DeletionProtected(key.key_id)
-        delete_date = format_time(self._s.clock() + timedelta(days=pending_days))
-        return await self._s._save(dataclasses.replace(
-            key, state=KeyState.PENDING_DELETION, delete_date=delete_date))
+        async with self._s.changing(principal, key_ref, Op.SCHEDULE_KEY_DELETION) as key:
+            if key.deletion_protection:
+                raise DeletionProtected(key.key_id)
+            delete_date = format_time(self._s.clock() + timedelta(days=pending_days))
+            return await self._s._save(dataclasses.replace(
+                key, state=KeyState.PENDING_DELETION, delete_date=delete_date))
 
     async def cancel_key_deletion(self, principal: Principal,
                                   key_ref: str) -> Key:
         """Back to Enabled, or to PendingImport for a key that has no material."""
-        key = await self._s._usable(principal, key_ref, Op.CANCEL_KEY_DELETION)
-        version = await self._s._version(key.primary_version_id)
-        state = KeyState.ENABLED if version is not None and version.material \
-            else KeyState.PENDING_IMPORT
-        return await self._s._save(dataclasses.replace(key, state=state, delete_date=None))
+        async with self._s.changing(principal, key_ref, Op.CANCEL_KEY_DELETION) as key:
+            version = await self._s._version(key.primary_version_id)
+            state = KeyState.ENABLED if version is not None and version.material \
+                else KeyState.PENDING_IMPORT
+            return await self._s._save(dataclasses.replace(key, state=state,
+                                                           delete_date=None))
 
     async def set_deletion_protection(self, principal: Principal, key_ref: str,
                                       *, enabled: bool, description: str) -> Key:
         if len(description) > 8192:
             raise InvalidParameter("DeletionProtectionDescription", "at most 8192 characters")
-        key = await self._s._usable(principal, key_ref, Op.SET_DELETION_PROTECTION)
-        return await self._s._save(dataclasses.replace(
-            key, deletion_protection=enabled,
-            deletion_protection_description=description if enabled else ""))
+        async with self._s.changing(principal, key_ref, Op.SET_DELETION_PROTECTION) as key:
+            return await self._s._save(dataclasses.replace(
+                key, deletion_protection=enabled,
+                deletion_protection_description=description if enabled else ""))
 
     async def _delete_now(self, key: Key) -> None:
         """The end of a deletion window: the backend forgets the material, then the store
@@ -273,15 +279,12 @@ class KeyLifecycle:
 
         :raises InvalidImportToken: :raises ExpiredImportToken: :raises InvalidKeyMaterial:
         """
-        key = await self._s.resolve(principal, key_ref)
-        async with self._material_lock(key.key_id):
-            # Read again under the lock: a concurrent import may have just finished.
-            key = await self._s.resolve(principal, key.key_id)
+        # Under the key's lock: two concurrent imports into an empty HsmInternal version
+        # would each make a token object with the version's label, and a change made while
+        # the material is unwrapped (in a worker thread) would be saved over.
+        async with self._s.changing(principal, key_ref) as key:
             return await self._import(key, principal, encrypted=encrypted, token=token,
                                       expire_unix=expire_unix)
-
-    def _material_lock(self, key_id: str) -> asyncio.Lock:
-        return self._material_locks.setdefault(key_id, asyncio.Lock())
 
     async def _import(self, key: Key, principal: Principal, *, encrypted: bytes, token: str,
                       expire_unix: int | None) -> Key:
@@ -322,9 +325,7 @@ class KeyLifecycle:
                                   key_ref: str) -> Key:
         """Forget imported material: the key waits in PendingImport for the same material
         (a PendingDeletion key keeps its state and DeleteDate)."""
-        key = await self._s.resolve(principal, key_ref)
-        async with self._material_lock(key.key_id):
-            key = await self._s.resolve(principal, key.key_id)
+        async with self._s.changing(principal, key_ref) as key:
             require_import(key, Op.DELETE_KEY_MATERIAL, principal.kind)
             require_state(key.state, Op.DELETE_KEY_MATERIAL)
             return await self._drop_material(key)
@@ -397,7 +398,13 @@ class KeyLifecycle:
 
     async def _settle(self, key: Key, sink: list[SweepEvent] | None = None) -> Key | None:
         """Carry out what is due on ``key`` now: the end of its deletion window (None: the
-        key is gone) or its imported material's expiry."""
+        key is gone) or its imported material's expiry. Under the key's lock, on the key
+        as it is now (``key`` may be an earlier read)."""
+        async with self._s.key_locks.hold(key.key_id):
+            fresh = await self._s._key(key.key_id)
+            return None if fresh is None else await self._settle_held(fresh, sink)
+
+    async def _settle_held(self, key: Key, sink: list[SweepEvent] | None) -> Key | None:
         now = self._s.clock()
         if (key.state is KeyState.PENDING_DELETION and key.delete_date
                 and parse_time(key.delete_date) <= now):
@@ -429,22 +436,24 @@ class KeyLifecycle:
         events: list[SweepEvent] = []
         now = self._s.clock()
         for key in await self._s._store.all_keys():
-            settled = await self._settle(key, events)
-            if settled is None:
-                continue
-            interval = settled.rotation_interval
-            if interval is None or settled.state is not KeyState.ENABLED:
-                continue
-            last = parse_time(settled.last_rotation or settled.created)
-            if last + timedelta(seconds=interval) > now:
-                continue
-            try:
-                require_rotation(settled, Op.CREATE_KEY_VERSION, PrincipalKind.USER,
-                                 addon=self._has_addon(settled))
-            except UnsupportedOperation:
-                continue  # e.g. the account dropped the add-on: the policy waits.
-            version = await self._rotate(settled, system_principal(settled.account_id))
-            self._emit(SweepEvent("CreateKeyVersion", settled, version.version_id), events)
+            async with self._s.key_locks.hold(key.key_id):
+                settled = await self._settle(key, events)
+                if settled is None:
+                    continue
+                interval = settled.rotation_interval
+                if interval is None or settled.state is not KeyState.ENABLED:
+                    continue
+                last = parse_time(settled.last_rotation or settled.created)
+                if last + timedelta(seconds=interval) > now:
+                    continue
+                try:
+                    require_rotation(settled, Op.CREATE_KEY_VERSION, PrincipalKind.USER,
+                                     addon=self._has_addon(settled))
+                except UnsupportedOperation:
+                    continue  # e.g. the account dropped the add-on: the policy waits.
+                version = await self._rotate(settled, system_principal(settled.account_id))
+                self._emit(SweepEvent("CreateKeyVersion", settled, version.version_id),
+                           events)
         return events
 
 

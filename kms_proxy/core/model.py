@@ -169,6 +169,8 @@ class Key:
     # material (a one-way value, as KCVs are); empty until material is first imported.
     material_expire: str | None = None
     material_check: str = ""
+    # Counts the saved changes; a save must name the revision it read (``_save``).
+    revision: int = 0
 
     @property
     def arn(self) -> str:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import os
 import re
 import secrets
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -32,6 +33,7 @@ from kms_proxy.core.errors import (
     AccessDenied,
     AliasAlreadyExists,
     AliasNotFound,
+    ConcurrentChange,
     DependencyUnavailable,
     InstanceNotFound,
     InvalidCiphertext,
@@ -43,6 +45,7 @@ from kms_proxy.core.errors import (
     Unsupported,
     UnsupportedOperation,
 )
+from kms_proxy.core.keylocks import KeyLocks
 from kms_proxy.core.lifecycle import KeyLifecycle, format_time, system_principal
 from kms_proxy.core.model import (
     Alias,
@@ -167,6 +170,7 @@ class KeyService:
         self._instance_backends: dict[str, KeyBackend] = {}
         self._instance_status: dict[str, Callable[[], str]] = {}
         self._service_key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.key_locks = KeyLocks()
         self.lifecycle = KeyLifecycle(self, rotation_addon=config.rotation_addon)
 
     def attach_instance_backend(self, instance_id: str, backend: KeyBackend,
@@ -203,11 +207,35 @@ class KeyService:
         return key
 
     async def _save(self, key: Key, versions: Sequence[KeyVersion] = ()) -> Key:
-        await self._store.update_key(key, versions)
-        self._keys[key.key_id] = key
+        """Save ``key`` (a changed copy of the key as read) as the next revision.
+
+        :raises ConcurrentChange: if the stored key is no longer the one read; call under
+            ``changing`` so that it is.
+        """
+        saved = dataclasses.replace(key, revision=key.revision + 1)
+        try:
+            await self._store.update_key(saved, versions, expected_revision=key.revision)
+        except StoreConflict:
+            self._keys.pop(key.key_id, None)
+            raise ConcurrentChange(key.key_id) from None
+        self._keys[key.key_id] = saved
         for version in versions:
             self._versions[version.version_id] = version
-        return key
+        return saved
+
+    @contextlib.asynccontextmanager
+    async def changing(self, principal: Principal, key_ref: str,
+                       op: Op | None = None) -> AsyncIterator[Key]:
+        """The key as it is now, held against every other change to it until the block
+        ends, so that a ``_save`` in the block builds on it (``core.keylocks``). With
+        ``op``, the kind and state checks run on this copy, not on an earlier read."""
+        key = await self.resolve(principal, key_ref)
+        async with self.key_locks.hold(key.key_id):
+            key = await self.resolve(principal, key.key_id)
+            if op is not None:
+                require(key.kind, op, principal.kind)
+                require_state(key.state, op)
+            yield key
 
     async def _version(self, version_id: str) -> KeyVersion | None:
         version = self._versions.get(version_id)
@@ -489,17 +517,17 @@ class KeyService:
 
     async def set_enabled(self, principal: Principal, key_ref: str, enabled: bool) -> Key:
         op = Op.ENABLE_KEY if enabled else Op.DISABLE_KEY
-        key = await self._usable(principal, key_ref, op)
         state = KeyState.ENABLED if enabled else KeyState.DISABLED
-        return key if key.state is state else await self._save(
-            dataclasses.replace(key, state=state))
+        async with self.changing(principal, key_ref, op) as key:
+            return key if key.state is state else await self._save(
+                dataclasses.replace(key, state=state))
 
     async def update_key_description(self, principal: Principal, key_ref: str,
                                      description: str) -> Key:
-        key = await self._usable(principal, key_ref, Op.UPDATE_KEY_DESCRIPTION)
         if len(description) > 8192:
             raise InvalidParameter("Description", "at most 8192 characters")
-        return await self._save(dataclasses.replace(key, description=description))
+        async with self.changing(principal, key_ref, Op.UPDATE_KEY_DESCRIPTION) as key:
+            return await self._save(dataclasses.replace(key, description=description))
 
     # -- aliases ---------------------------------------------------------------------
 

@@ -34,9 +34,13 @@ class Store(Protocol):
 
     async def get_key(self, key_id: str) -> Key | None: ...
 
-    async def update_key(self, key: Key, versions: Sequence[KeyVersion] = ()) -> None:
+    async def update_key(self, key: Key, versions: Sequence[KeyVersion] = (), *,
+                         expected_revision: int) -> None:
         """Replace a key's metadata (its id, account and region do not change) and insert or
-        replace ``versions`` of it, in one transaction."""
+        replace ``versions`` of it, in one transaction, if the stored key's ``revision`` is
+        still ``expected_revision``.
+
+        :raises StoreConflict: if it is not (or the key is gone): nothing is written."""
         ...
 
     async def delete_key(self, key_id: str) -> None:

@@ -98,13 +98,17 @@ class SQLiteStore:
         assert self._db is not None, "store used before open()"
         return self._db
 
-    def _write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        """Run statements in one transaction. :raises StoreConflict: on a uniqueness clash."""
+    def _write(self, statements: Sequence[tuple[str, Sequence[Any]]], *,
+               first_changes_one: bool = False) -> None:
+        """Run statements in one transaction. :raises StoreConflict: on a uniqueness clash,
+        or when ``first_changes_one`` and the first statement changed no row."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for sql, args in statements:
-                db.execute(sql, args)
+            for index, (sql, args) in enumerate(statements):
+                changed = db.execute(sql, args).rowcount
+                if index == 0 and first_changes_one and changed != 1:
+                    raise sqlite3.IntegrityError("the row changed since it was read")
         except sqlite3.IntegrityError as exc:
             db.execute("ROLLBACK")
             raise StoreConflict(str(exc)) from None
@@ -148,12 +152,16 @@ class SQLiteStore:
         row = self.db.execute("SELECT data FROM keys WHERE key_id = ?", (key_id,)).fetchone()
         return _key(row[0]) if row else None
 
-    async def update_key(self, key: Key, versions: Sequence[KeyVersion] = ()) -> None:
+    async def update_key(self, key: Key, versions: Sequence[KeyVersion] = (), *,
+                         expected_revision: int) -> None:
+        # Records written before revisions existed have none: revision 0.
         self._write([
-            ("UPDATE keys SET data = ? WHERE key_id = ?", (_key_json(key), key.key_id)),
+            ("UPDATE keys SET data = ? WHERE key_id = ? "
+             "AND COALESCE(json_extract(data, '$.revision'), 0) = ?",
+             (_key_json(key), key.key_id, expected_revision)),
             *[("INSERT OR REPLACE INTO key_versions VALUES (?, ?, ?, ?)",
                (v.version_id, v.key_id, v.created, v.material)) for v in versions],
-        ])
+        ], first_changes_one=True)
 
     async def delete_key(self, key_id: str) -> None:
         self._write([(sql, (key_id,)) for sql in (

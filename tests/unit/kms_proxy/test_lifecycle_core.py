@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import sqlite3
@@ -35,6 +36,7 @@ from kms_proxy.core.byok import key_check_value
 from kms_proxy.core.errors import (
     AccessDenied,
     AliasNotFound,
+    ConcurrentChange,
     DeletionProtected,
     ExpiredImportToken,
     InvalidCiphertext,
@@ -717,6 +719,72 @@ async def test_hardware_byok_in_the_token(build: Build, clock: Clock, pool: PKCS
     assert again.state is KeyState.ENABLED
     assert len(await pool.run(token_objects(LABEL=label))) == 1
     assert await decrypts(service, blob) == b"hardware byok"
+
+
+CHANGES_DURING_AN_IMPORT: dict[str, tuple[Any, Any]] = {
+    "ScheduleKeyDeletion": (
+        lambda s, k: s.lifecycle.schedule_key_deletion(USER, k, 7),
+        lambda key: key.state is KeyState.PENDING_DELETION and key.delete_date is not None),
+    "SetDeletionProtection": (
+        lambda s, k: s.lifecycle.set_deletion_protection(USER, k, enabled=True,
+                                                         description="keep"),
+        lambda key: key.deletion_protection and key.deletion_protection_description == "keep"),
+    "UpdateKeyDescription": (
+        lambda s, k: s.update_key_description(USER, k, "changed meanwhile"),
+        lambda key: key.description == "changed meanwhile"),
+    "DisableKey": (
+        lambda s, k: s.set_enabled(USER, k, False),
+        lambda key: key.state is KeyState.DISABLED),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES_DURING_AN_IMPORT))
+async def test_a_change_made_while_material_is_unwrapped_is_kept(build: Build,
+                                                                change: str) -> None:
+    """The import unwraps in a worker thread; a change that arrives meanwhile waits for the
+    key's lock and applies to the imported key, instead of being saved over."""
+    service = (await build()).service
+    key = await create(service, origin=Origin.EXTERNAL)
+    material = os.urandom(32)
+    if change == "DisableKey":  # Only an Enabled key can be disabled: a re-import.
+        await import_material(service, key.key_id, material)
+        await service.lifecycle.delete_key_material(USER, key.key_id)
+        await import_material(service, key.key_id, material)
+    params = await service.lifecycle.get_parameters_for_import(
+        USER, key.key_id, wrapping_spec="RSA_2048", algorithm="RSAES_OAEP_SHA_256")
+    act, kept = CHANGES_DURING_AN_IMPORT[change]
+    # gather starts the import first; it runs until the unwrap's thread hop, and the
+    # change runs there.
+    imported, changed = await asyncio.gather(
+        service.lifecycle.import_key_material(
+            USER, key.key_id, encrypted=wrap(params.public_key_der, material),
+            token=params.token, expire_unix=None),
+        act(service, key.key_id))
+    assert imported.material_check == key_check_value(material)
+    assert kept(changed)
+    for now in (await service.describe_key(USER, key.key_id),
+                await build_fresh_read(service, key.key_id)):
+        assert kept(now), change
+        assert now.material_check == key_check_value(material)
+
+
+async def build_fresh_read(service: KeyService, key_id: str) -> Key:
+    """The key as the store holds it (not the service's cache)."""
+    stored = await service._store.get_key(key_id)
+    assert stored is not None
+    return stored
+
+
+async def test_a_save_built_on_a_stale_read_is_refused(build: Build) -> None:
+    """The safety net under the locks: a save names the revision it read."""
+    service = (await build()).service
+    key = await create(service)
+    first = await service._save(dataclasses.replace(key, description="first"))
+    assert first.revision == key.revision + 1
+    with pytest.raises(ConcurrentChange):
+        await service._save(dataclasses.replace(key, description="stale"))
+    assert (await service.describe_key(USER, key.key_id)).description == "first"
+    assert (await build_fresh_read(service, key.key_id)).description == "first"
 
 
 async def test_concurrent_imports_make_one_token_object(build: Build, pool: PKCS11Pool,
