@@ -380,4 +380,4 @@ async def _external_backend(stack: AsyncExitStack, xki: XKIConfig
         timeout=xki.timeout_ms / 1000)))
     probe = await stack.enter_async_context(HealthProbe(client,
                                                         interval=xki.health_interval_s))
-    return ExternalBackend(client), probe
+    return ExternalBackend(client, probe), probe

@@ -227,8 +227,15 @@ class ExternalBackend:
 
     name = "external"
 
-    def __init__(self, client: XKSClient) -> None:
+    def __init__(self, client: XKSClient, probe: HealthProbe | None = None) -> None:
+        """``probe``: the instance's health probe, told what each call learnt about the
+        link, so that GetKmsInstance shows an outage at once, not at the next probe."""
         self._client = client
+        self._probe = probe
+
+    def _observe(self, error: XKSClientError | None) -> None:
+        if self._probe is not None:
+            self._probe.observe(error)
 
     async def import_material(self, *, version_id: str, spec: KeySpec, material: bytes,
                               storage: KeyStorageMechanism | None = None) -> bytes:
@@ -261,7 +268,9 @@ class ExternalBackend:
         try:
             meta = await self._client.get_key_metadata(
                 external_key_id, _metadata(call, with_key_arn=False))
+            self._observe(None)
         except XKSRejected as exc:
+            self._observe(exc)
             # CreateKey: what AWS KMS reports as XksKeyNotFound / XksKeyInvalidConfiguration
             # (XKS section 5.2) is a bad ExternalKeyId for the caller.
             reason = {
@@ -276,6 +285,7 @@ class ExternalBackend:
                                        f"{external_key_id!r}: {reason}.") from None
             raise _core_error(exc, _Failure(call, external_key_id, False)) from None
         except XKSClientError as exc:
+            self._observe(exc)
             raise _core_error(exc, _Failure(call, external_key_id, False)) from None
         problems = _metadata_problems(meta)
         if problems:
@@ -302,7 +312,9 @@ class ExternalBackend:
         try:
             response = await self._client.encrypt(external_key_id, request)
         except XKSClientError as exc:
+            self._observe(exc)
             raise _core_error(exc, _Failure(call, external_key_id, False)) from None
+        self._observe(None)
         return pack_sealed(response.iv, response.ciphertext_metadata, response.tag,
                            response.ciphertext)
 
@@ -321,9 +333,12 @@ class ExternalBackend:
         request = DecryptRequest(metadata=_metadata(call), ciphertext=ciphertext, iv=iv,
                                  tag=tag, aad=aad or None, ciphertext_metadata=ctm)
         try:
-            return await self._client.decrypt(external_key_id, request)
+            plaintext = await self._client.decrypt(external_key_id, request)
         except XKSClientError as exc:
+            self._observe(exc)
             raise _core_error(exc, _Failure(call, external_key_id, True)) from None
+        self._observe(None)
+        return plaintext
 
     async def sign(self, version: KeyVersion, spec: KeySpec, algorithm: str,
                    digest: bytes) -> bytes:
@@ -393,6 +408,17 @@ class HealthProbe:
                 self._set(ConnectionState.CONNECTED, None)
         self.last_checked = time.monotonic()
         return self.status
+
+    def observe(self, error: XKSClientError | None) -> None:
+        """What a crypto or metadata call learnt about the link, between probes: a proxy
+        that could not be reached or did not answer in time (``XKSUnavailable``) is
+        Disconnected now; any answer (an XKS error too) is Connected. An invalid answer
+        says nothing about the link and changes nothing."""
+        if error is None or isinstance(error, XKSRejected):
+            if self.status is not ConnectionState.CONNECTED:
+                self._set(ConnectionState.CONNECTED, None)
+        elif isinstance(error, XKSUnavailable):
+            self._set(ConnectionState.DISCONNECTED, str(error))
 
     def _set(self, status: ConnectionState, error: str | None) -> None:
         if status is not self.status:

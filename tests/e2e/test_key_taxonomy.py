@@ -186,18 +186,27 @@ def test_ekm_outage_gives_a_typed_error_within_the_budget_and_recovers(
 
     external, ekm_dir = stack["keys"]["external"], str(Path(stack["ekm"]["config"]).parent)
     ekm = [sys.executable, "-m", "ekm_sim.cli", "dev"]
+
+    def instance_status() -> str:
+        return str(sdk.get_kms_instance(m.GetKmsInstanceRequest(
+            kms_instance_id=stack["instances"]["external"])).body.kms_instance.status)
+
     sealed = sdk.encrypt(m.EncryptRequest(key_id=external, plaintext="before")).body
+    assert instance_status() == "Connected"
     subprocess.run([*ekm, "down", "--workdir", ekm_dir], check=True, timeout=60)
     try:
         started = time.monotonic()
         assert refused(lambda: sdk.encrypt(m.EncryptRequest(
             key_id=external, plaintext="x"))) == (503, "ServiceUnavailableTemporary")
         assert time.monotonic() - started < 1.0
+        # The failed call told the instance at once (the probe runs every 30 s).
+        assert instance_status() == "Disconnected"
     finally:
         subprocess.run([*ekm, "up", "--workdir", ekm_dir], check=True, timeout=120,
                        capture_output=True)
     assert sdk.decrypt(m.DecryptRequest(ciphertext_blob=sealed.ciphertext_blob)
                        ).body.plaintext == "before"
+    assert instance_status() == "Connected"
 
 
 def _external_key(client: Client, instance_id: str, external_key_id: str) -> dict[str, Any]:

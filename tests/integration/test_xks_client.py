@@ -54,7 +54,15 @@ from kms_proxy.core.model import CallInfo, KeySpec, KeyStorageMechanism, KeyVers
 from shared.pkcs11pool import PKCS11Pool
 from shared.sigv4 import Credential
 from shared.tls import server_context
-from shared.xks import EncryptRequest, ErrorName, HealthStatus, RequestMetadata, b64, cdiv
+from shared.xks import (
+    EncryptRequest,
+    ErrorName,
+    HealthStatus,
+    RequestMetadata,
+    XKSError,
+    b64,
+    cdiv,
+)
 from tests.conftest import CRED_A, PREFIX, PRINCIPAL, REGION, Sim, StartSim, TLSFiles
 
 KEY_ARN = "acs:kms:cn-hangzhou:1234567890123456:key/key-hzz0123456789abcdef0"
@@ -650,6 +658,24 @@ async def test_ekm_stopped_and_restarted(ekm_workdir: Path) -> None:
         assert probe.last_error is None
         assert await backend.unseal(version(), KeySpec.AES_256, sealed, CONTEXT_AAD,
                                     call=call("Decrypt")) == b"kept"
+
+
+async def test_calls_tell_the_probe_what_they_learnt(client: XKSClient) -> None:
+    """Between probes, each call's outcome moves the instance's state: unreachable or slow
+    is Disconnected, any answer is Connected, a broken answer leaves it as it was."""
+    probe = HealthProbe(client, interval=60)
+    assert probe.status is ConnectionState.DISCONNECTED  # not probed yet
+    probe.observe(None)
+    assert (probe.status, probe.last_error) == (ConnectionState.CONNECTED, None)
+    probe.observe(XKSInvalidResponse("unreadable"))
+    assert probe.status is ConnectionState.CONNECTED
+    probe.observe(XKSUnavailable("connection refused", kind=UnavailableKind.CONNECT))
+    assert probe.status is ConnectionState.DISCONNECTED
+    assert probe.last_error == "connection refused"
+    probe.observe(XKSInvalidResponse("unreadable"))
+    assert probe.status is ConnectionState.DISCONNECTED
+    probe.observe(XKSRejected(XKSError(ErrorName.KEY_NOT_FOUND)))
+    assert probe.status is ConnectionState.CONNECTED
 
 
 async def test_health_probe_reports_every_ekm_unavailable(
