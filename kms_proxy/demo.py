@@ -47,16 +47,30 @@ def params_for(action: str) -> open_api.Params:
                            req_body_type="formData", body_type="json")
 
 
-def attempt(step: str, call: Callable[[], Any]) -> Any:
-    """Run one SDK call and print its outcome: the Alibaba error code if it is refused."""
+# Steps whose outcome was not the one expected; main() fails if there is any, so that
+# the README's main command cannot print a refusal that did not happen as a success.
+UNEXPECTED: list[str] = []
+
+
+def _check(step: str, outcome: str, expect: str) -> None:
+    mark = ""
+    if outcome != expect:
+        UNEXPECTED.append(f"{step}: {outcome}, expected {expect}")
+        mark = f"   <-- UNEXPECTED, expected {expect}"
+    print(f"  {step:<62} -> {'OK' if outcome == 'OK' else 'refused: ' + outcome}{mark}")
+
+
+def attempt(step: str, call: Callable[[], Any], expect: str) -> Any:
+    """Run one SDK call, print its outcome (``OK`` or the HTTP status and Alibaba error
+    code of the refusal) and note it if it is not ``expect``."""
     try:
         result = call()
     except Exception as exc:
         code = getattr(exc, "code", None) or type(exc).__name__
         status = getattr(exc, "status_code", None) or getattr(exc, "statusCode", "")
-        print(f"  {step:<62} -> refused: {status} {code}")
+        _check(step, f"{status} {code}", expect)
         return None
-    print(f"  {step:<62} -> OK")
+    _check(step, "OK", expect)
     return result
 
 
@@ -83,6 +97,9 @@ class ServicePrincipal:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
+
+
+_UNSUPPORTED = "400 Rejected.UnsupportedOperation"
 
 
 def main() -> int:
@@ -116,7 +133,8 @@ def main() -> int:
           "and its encrypted copy")
     legacy = client(stack, v2=True)
     attempt("Decrypt with the legacy HMAC-SHA1 signature (signature v2)",
-            lambda: legacy.decrypt(m.DecryptRequest(ciphertext_blob=data_key.ciphertext_blob)))
+            lambda: legacy.decrypt(m.DecryptRequest(ciphertext_blob=data_key.ciphertext_blob)),
+            "OK")
 
     print("\nAsymmetric keys")
     rsa = kms.create_key(m.CreateKeyRequest(key_spec="RSA_2048",
@@ -151,10 +169,11 @@ def main() -> int:
     print("\nExternal key management instance "
           f"{stack['instances']['external']}: keys in the EKM, reached over XKI "
           "(XKS API, mTLS + SigV4)")
-    external = kms.call_api(params_for("CreateKey"), open_api.OpenApiRequest(query={
+    external_metadata = kms.call_api(params_for("CreateKey"), open_api.OpenApiRequest(query={
         "DKMSInstanceId": stack["instances"]["external"],
         "ExternalKeyId": stack["ekm"]["keys"]["default"]}), RuntimeOptions()
-    )["body"]["KeyMetadata"]["KeyId"]
+    )["body"]["KeyMetadata"]
+    external = external_metadata["KeyId"]
     sealed_ext = kms.encrypt(m.EncryptRequest(key_id=external, plaintext="hyok data",
                                               encryption_context=context)).body
     opened_ext = kms.decrypt(m.DecryptRequest(ciphertext_blob=sealed_ext.ciphertext_blob,
@@ -177,6 +196,16 @@ def main() -> int:
     code, body = oss.call("Encrypt", KeyId="alias/acs/oss", Plaintext="object key")
     print(f"  {'oss Encrypt with alias/acs/oss (service key made on first use)':<62} -> "
           f"{code} KeyId {body.get('KeyId')}")
+
+    print("\nA key migrated from KMS 1.0 (kms-proxy keys import-migrated): read-only")
+    migrated = stack["keys"]["migrated"]
+    attempt("DescribeKey of the migrated key",
+            lambda: kms.describe_key(m.DescribeKeyRequest(key_id=migrated)), "OK")
+    attempt("Encrypt with the migrated key",
+            lambda: kms.encrypt(m.EncryptRequest(key_id=migrated, plaintext="x")),
+            _UNSUPPORTED)
+    attempt("DisableKey of the migrated key",
+            lambda: kms.disable_key(m.DisableKeyRequest(key_id=migrated)), _UNSUPPORTED)
 
     print("\nKey lifecycle")
     version = kms.create_key_version(m.CreateKeyVersionRequest(key_id=key.key_id)).body
@@ -210,7 +239,8 @@ def main() -> int:
         deletion_protection_description="demo"))
     attempt("ScheduleKeyDeletion of a key with deletion protection",
             lambda: kms.schedule_key_deletion(m.ScheduleKeyDeletionRequest(
-                key_id=key.key_id, pending_window_in_days=7)))
+                key_id=key.key_id, pending_window_in_days=7)),
+            "403 Forbidden.NoPermission")
     kms.schedule_key_deletion(m.ScheduleKeyDeletionRequest(key_id=byok.key_id,
                                                            pending_window_in_days=7))
     pending = kms.describe_key(m.DescribeKeyRequest(key_id=byok.key_id)).body.key_metadata
@@ -224,48 +254,71 @@ def main() -> int:
 
     print("\nRefusals, with Alibaba's error codes")
     attempt("Rotate an external key (the EKM rotates it)",
-            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=external)))
+            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=external)),
+            _UNSUPPORTED)
     attempt("Rotate an HsmInternal hardware key",
-            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=hardware.key_id)))
+            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=hardware.key_id)),
+            _UNSUPPORTED)
     attempt("Rotate the default master key without the paid add-on",
-            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=default)))
+            lambda: kms.create_key_version(m.CreateKeyVersionRequest(key_id=default)),
+            _UNSUPPORTED)
     attempt("Back up a hardware key (software keys only)",
             lambda: kms.call_api(params_for("BackupKey"), open_api.OpenApiRequest(
-                query={"KeyId": hardware.key_id}), RuntimeOptions()))
+                query={"KeyId": hardware.key_id}), RuntimeOptions()),
+            _UNSUPPORTED)
     attempt("An application Encrypts with the default master key",
-            lambda: kms.encrypt(m.EncryptRequest(key_id=default, plaintext="x")))
+            lambda: kms.encrypt(m.EncryptRequest(key_id=default, plaintext="x")),
+            _UNSUPPORTED)
     attempt("An application Encrypts with oss's service key",
-            lambda: kms.encrypt(m.EncryptRequest(key_id="alias/acs/oss", plaintext="x")))
+            lambda: kms.encrypt(m.EncryptRequest(key_id="alias/acs/oss", plaintext="x")),
+            _UNSUPPORTED)
     attempt("An RSA key in the external instance (external keys: symmetric)",
             lambda: kms.create_key(m.CreateKeyRequest(
-                dkmsinstance_id=stack["instances"]["external"], key_spec="RSA_2048")))
+                dkmsinstance_id=stack["instances"]["external"], key_spec="RSA_2048")),
+            _UNSUPPORTED)
+    attempt("Sign with an external key (external keys: encrypt/decrypt only)",
+            lambda: kms.asymmetric_sign(m.AsymmetricSignRequest(
+                key_id=external, key_version_id=external_metadata["PrimaryKeyVersion"],
+                algorithm="RSA_PSS_SHA_256", digest=digest)), _UNSUPPORTED)
     rds = ServicePrincipal(stack, "rds")
     code, body = rds.call("Encrypt", KeyId="alias/acs/oss", Plaintext="x")
-    print(f"  {'rds (another product) uses oss service key':<62} -> refused: {code} "
-          f"{body.get('Code')}")
+    _check("rds (another product) uses oss service key", f"{code} {body.get('Code')}",
+           "403 Forbidden.NoPermission")
     attempt("Decrypt with a different EncryptionContext",
             lambda: kms.decrypt(m.DecryptRequest(ciphertext_blob=sealed.ciphertext_blob,
-                                                 encryption_context={"order": "43"})))
+                                                 encryption_context={"order": "43"})),
+            "400 InvalidParameter")
     attempt("Create alias/acs/oss (reserved for service keys)",
             lambda: kms.create_alias(m.CreateAliasRequest(alias_name="alias/acs/oss",
-                                                          key_id=key.key_id)))
+                                                          key_id=key.key_id)),
+            "400 Unsupported.Alias")
     attempt("Create an EC_SM2 key (no maintained SM2 library)",
-            lambda: kms.create_key(m.CreateKeyRequest(key_spec="EC_SM2")))
+            lambda: kms.create_key(m.CreateKeyRequest(key_spec="EC_SM2")),
+            _UNSUPPORTED)
     attempt("Sign with an ENCRYPT/DECRYPT key",
             lambda: kms.asymmetric_sign(m.AsymmetricSignRequest(
                 key_id=key.key_id, key_version_id=key.primary_key_version,
-                algorithm="RSA_PSS_SHA_256", digest=digest)))
+                algorithm="RSA_PSS_SHA_256", digest=digest)),
+            _UNSUPPORTED)
     other = client(stack, 2)
     attempt("Another account uses this key by ARN (no key policy grants it)",
-            lambda: other.encrypt(m.EncryptRequest(key_id=key.arn, plaintext="x")))
+            lambda: other.encrypt(m.EncryptRequest(key_id=key.arn, plaintext="x")),
+            "403 Forbidden.NoPermission")
     kms.disable_key(m.DisableKeyRequest(key_id=key.key_id))
     attempt("Encrypt with a disabled key",
-            lambda: kms.encrypt(m.EncryptRequest(key_id=key.key_id, plaintext="x")))
+            lambda: kms.encrypt(m.EncryptRequest(key_id=key.key_id, plaintext="x")),
+            "409 Rejected.Disabled")
     kms.enable_key(m.EnableKeyRequest(key_id=key.key_id))
     attempt("Encrypt again after EnableKey",
-            lambda: kms.encrypt(m.EncryptRequest(key_id=key.key_id, plaintext="x")))
+            lambda: kms.encrypt(m.EncryptRequest(key_id=key.key_id, plaintext="x")),
+            "OK")
     print("\nEvery call above is in the hash-chained audit log; check it with\n"
           f"  kms-proxy audit verify --config {stack['config']}")
+    if UNEXPECTED:
+        print(f"\n{len(UNEXPECTED)} step(s) did not behave as expected:", file=sys.stderr)
+        for line in UNEXPECTED:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0
 
 
