@@ -171,7 +171,7 @@ def _xki(r: TableReader) -> XKIConfig:
         client_key=r.path("client_key", required=True) or Path(),
         server_fingerprint_sha256=r.get("server_fingerprint_sha256", str),
         timeout_ms=r.get("timeout_ms", int, 250),
-        health_interval_s=r.get("health_interval_s", float, 30.0))
+        health_interval_s=_positive(r, "health_interval_s", 30.0))
     r.check(xki.endpoint.startswith("https://"), "endpoint", "must be an https:// URL")
     r.check(10 <= xki.timeout_ms <= 60_000, "timeout_ms", "must be 10-60000")
     return xki

@@ -84,6 +84,9 @@ def test_the_whole_taxonomy(stack: dict[str, Any], sdk: Client) -> None:
     assert refused(lambda: sdk.create_key(m.CreateKeyRequest(
         dkmsinstance_id=instances["external"], key_spec="RSA_2048"))) == (
         400, "Rejected.UnsupportedOperation")
+    assert refused(lambda: sdk.asymmetric_sign(m.AsymmetricSignRequest(
+        key_id=external, key_version_id=created["PrimaryKeyVersion"],
+        algorithm="RSA_PSS_SHA_256", digest=digest))) == (400, "Rejected.UnsupportedOperation")
     instance = sdk.get_kms_instance(m.GetKmsInstanceRequest(
         kms_instance_id=instances["external"])).body.kms_instance
     assert instance.status == "Connected"
@@ -289,3 +292,33 @@ def test_bearer_tokens_refused_over_http(stack: dict[str, Any]) -> None:
     status, body = ServicePrincipal(stack, "oss", token=good).call(
         "Encrypt", KeyId="alias/acs/oss", Plaintext="x")
     assert status == 200, body
+
+
+def test_the_front_tells_the_ekm_who_calls_and_why(stack: dict[str, Any],
+                                                   sdk: Client) -> None:
+    """requestMetadata as the EKM received it (its request log): the front's RequestId,
+    the operation, and the calling principal's ARN, for a user and for a cloud service."""
+    import time
+
+    external = stack["keys"]["external"]
+    user_call = sdk.encrypt(m.EncryptRequest(key_id=external, plaintext="who"))
+    service_status, service_body = ServiceClient(stack, "oss").call(
+        "Decrypt", CiphertextBlob=user_call.body.ciphertext_blob)
+    assert service_status == 200
+    expected = {
+        user_call.body.request_id: ("Encrypt", f"acs:ram::{stack['account_id']}:user/"),
+        service_body["RequestId"]: ("Decrypt", "oss"),
+    }
+    log = Path(stack["ekm"]["config"]).parent / "requests.log"
+    deadline = time.monotonic() + 5
+    while True:
+        seen = {r.get("kmsRequestId"): r for r in map(json.loads,
+                                                       log.read_text().splitlines())}
+        if all(request_id in seen for request_id in expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for request_id, (operation, principal) in expected.items():
+        record = seen[request_id]
+        assert (record["kmsOperation"], record["keyId"], record["status"]) == (
+            operation, stack["ekm"]["keys"]["default"], 200)
+        assert principal in record["principal"], record

@@ -1,0 +1,49 @@
+"""The front's config: an external instance's XKI connection, read and checked, each
+fault naming its field."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kms_proxy.config import ConfigError, parse
+
+
+def _data(**xki: Any) -> dict[str, Any]:
+    return {
+        "region": "cn-hangzhou", "database": "kms.db", "audit_log": "audit.log",
+        "root_key": base64.b64encode(bytes(32)).decode(),
+        "server": {"cert": "server.pem", "key": "server-key.pem"},
+        "accounts": [{"id": "1234567890123456",
+                      "access_keys": [{"id": "LTAIexample0001", "secret": "s" * 24}]}],
+        "instances": [{"id": "kst-hzzexternal0001", "account_id": "1234567890123456",
+                       "type": "external", "xki": {
+                           "endpoint": "https://ekm.example:8443", "uri_prefix": "/p/",
+                           "credentials": [{"access_key_id": "A" * 20,
+                                            "secret_access_key": "b" * 43}],
+                           "ca": "ca.pem", "client_cert": "c.pem", "client_key": "k.pem",
+                           **xki}}],
+    }
+
+
+def test_xki_defaults_and_values(tmp_path: Path) -> None:
+    [default] = parse(_data(), tmp_path).instances
+    assert default.xki is not None
+    assert (default.xki.timeout_ms, default.xki.health_interval_s) == (250, 30.0)
+    assert default.xki.uri_prefix == "p"
+    assert default.xki.ca == tmp_path / "ca.pem"
+    [tuned] = parse(_data(timeout_ms=500, health_interval_s=2.5), tmp_path).instances
+    assert tuned.xki is not None
+    assert (tuned.xki.timeout_ms, tuned.xki.health_interval_s) == (500, 2.5)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("timeout_ms", 9), ("timeout_ms", 60_001), ("timeout_ms", "fast"),
+    ("health_interval_s", 0), ("health_interval_s", -1.0), ("endpoint", "http://ekm:80"),
+    ("credentials", [])])
+def test_bad_xki_values_name_their_field(tmp_path: Path, field: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=field):
+        parse(_data(**{field: value}), tmp_path)
