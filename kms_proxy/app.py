@@ -364,7 +364,8 @@ async def _hsm_backend(stack: AsyncExitStack, hsm: HSMTokenConfig) -> KeyBackend
     pool = await stack.enter_async_context(PKCS11Pool(PoolConfig(
         module=hsm.module, token_label=hsm.token_label, user_pin=hsm.user_pin,
         mode=DispatchMode(hsm.mode), workers=hsm.workers)))
-    backend = HSMBackend(pool, wrapping_key_label=hsm.wrapping_key_label)
+    backend = HSMBackend(pool, wrapping_key_label=hsm.wrapping_key_label,
+                         oaep_sha256_in_token=hsm.oaep_sha256_in_token)
     await backend.ensure_token_keys()
     return backend
 

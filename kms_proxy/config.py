@@ -101,6 +101,9 @@ class HSMTokenConfig:
     mode: str = "inline"
     workers: int = 2
     wrapping_key_label: str = "kms-proxy.wrap"
+    # The token does CKM_RSA_PKCS_OAEP with SHA-256 itself (SoftHSM2 2.6 does not; see
+    # HSMBackend): RSAES_OAEP_SHA_256 then never decodes outside the token.
+    oaep_sha256_in_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +189,8 @@ def _hsm(r: TableReader) -> HSMTokenConfig | None:
         user_pin=r.get("user_pin", str, required=True),
         softhsm_conf=r.path("softhsm_conf"), mode=r.get("mode", str, "inline"),
         workers=r.get("workers", int, 2),
-        wrapping_key_label=r.get("wrapping_key_label", str, "kms-proxy.wrap"))
+        wrapping_key_label=r.get("wrapping_key_label", str, "kms-proxy.wrap"),
+        oaep_sha256_in_token=r.get("oaep_sha256_in_token", bool, False))
     r.check(hsm.mode in ("inline", "threads"), "mode", "must be inline or threads")
     return hsm
 

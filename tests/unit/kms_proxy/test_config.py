@@ -47,3 +47,13 @@ def test_xki_defaults_and_values(tmp_path: Path) -> None:
 def test_bad_xki_values_name_their_field(tmp_path: Path, field: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=field):
         parse(_data(**{field: value}), tmp_path)
+
+
+def test_hsm_oaep_sha256_in_token_is_a_setting(tmp_path: Path) -> None:
+    hsm = {"token_label": "kms", "user_pin": "1234"}
+    config = parse({**_data(), "hsm": hsm}, tmp_path)
+    assert config.hsm is not None and config.hsm.oaep_sha256_in_token is False
+    config = parse({**_data(), "hsm": {**hsm, "oaep_sha256_in_token": True}}, tmp_path)
+    assert config.hsm is not None and config.hsm.oaep_sha256_in_token is True
+    with pytest.raises(ConfigError, match="oaep_sha256_in_token"):
+        parse({**_data(), "hsm": {**hsm, "oaep_sha256_in_token": "yes"}}, tmp_path)
