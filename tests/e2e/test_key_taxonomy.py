@@ -25,7 +25,14 @@ from alibabacloud_tea_openapi import models as open_api
 from darabonba.runtime import RuntimeOptions
 
 from kms_proxy.demo import ServicePrincipal
-from tests.e2e.stacktools import ServiceClient, default_key_id, refused, run, sdk_for
+from tests.e2e.stacktools import (
+    ServiceClient,
+    call_action,
+    default_key_id,
+    refused,
+    run,
+    sdk_for,
+)
 
 
 def test_the_whole_taxonomy(stack: dict[str, Any], sdk: Client) -> None:
@@ -213,13 +220,8 @@ def test_ekm_outage_gives_a_typed_error_within_the_budget_and_recovers(
 
 
 def _external_key(client: Client, instance_id: str, external_key_id: str) -> dict[str, Any]:
-    params = open_api.Params(action="CreateKey", version="2016-01-20", protocol="HTTPS",
-                             pathname="/", method="POST", auth_type="AK", style="RPC",
-                             req_body_type="formData", body_type="json")
-    body = client.call_api(params, open_api.OpenApiRequest(query={
-        "DKMSInstanceId": instance_id, "ExternalKeyId": external_key_id}),
-        RuntimeOptions())["body"]
-    metadata: dict[str, Any] = body["KeyMetadata"]
+    metadata: dict[str, Any] = call_action(client, "CreateKey", DKMSInstanceId=instance_id,
+                                           ExternalKeyId=external_key_id)["KeyMetadata"]
     return metadata
 
 
