@@ -52,12 +52,16 @@ def params_for(action: str) -> open_api.Params:
 UNEXPECTED: list[str] = []
 
 
-def _check(step: str, outcome: str, expect: str) -> None:
+def _check(step: str, outcome: str, expect: str, shown: str | None = None) -> None:
+    """Print ``step -> shown`` (by default ``OK`` or ``refused: <outcome>``), marked and
+    counted if ``outcome`` is not ``expect``."""
     mark = ""
     if outcome != expect:
         UNEXPECTED.append(f"{step}: {outcome}, expected {expect}")
         mark = f"   <-- UNEXPECTED, expected {expect}"
-    print(f"  {step:<62} -> {'OK' if outcome == 'OK' else 'refused: ' + outcome}{mark}")
+    if shown is None:
+        shown = "OK" if outcome == "OK" else f"refused: {outcome}"
+    print(f"  {step:<62} -> {shown}{mark}")
 
 
 def attempt(step: str, call: Callable[[], Any], expect: str) -> Any:
@@ -182,7 +186,8 @@ def main() -> int:
           f"Encrypt + Decrypt through the EKM -> {opened_ext.plaintext!r}")
     status = kms.get_kms_instance(m.GetKmsInstanceRequest(
         kms_instance_id=stack["instances"]["external"])).body.kms_instance.status
-    print(f"  GetKmsInstance -> Status {status} (a periodic XKS health probe)")
+    _check("GetKmsInstance of the external instance: Status", str(status), "Connected",
+           f"{status} (XKS health probe, and each call)")
 
     print("\nDefault keys and a cloud service (bearer JWT from the dev stack's issuer)")
     oss = ServicePrincipal(stack, "oss")
@@ -191,11 +196,11 @@ def main() -> int:
                    and kms.describe_key(m.DescribeKeyRequest(key_id=k.key_id))
                    .body.key_metadata.creator == "Aliyun")
     print(f"  default master key {default} (one per account and region, made by the system)")
-    print(f"  {'oss (service principal) GenerateDataKey with it':<62} -> "
-          f"{oss.call('GenerateDataKey', KeyId=default)[0]}")
+    code = oss.call("GenerateDataKey", KeyId=default)[0]
+    _check("oss (service principal) GenerateDataKey with it", str(code), "200", str(code))
     code, body = oss.call("Encrypt", KeyId="alias/acs/oss", Plaintext="object key")
-    print(f"  {'oss Encrypt with alias/acs/oss (service key made on first use)':<62} -> "
-          f"{code} KeyId {body.get('KeyId')}")
+    _check("oss Encrypt with alias/acs/oss (service key made on first use)", str(code),
+           "200", f"{code} KeyId {body.get('KeyId')}")
 
     print("\nA key migrated from KMS 1.0 (kms-proxy keys import-migrated): read-only")
     migrated = stack["keys"]["migrated"]

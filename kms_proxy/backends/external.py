@@ -363,6 +363,13 @@ class ExternalBackend:
 # -- connection state ------------------------------------------------------------------------
 
 
+# XKS errors that answer for one key or request: the link itself works.
+_KEY_LEVEL_REFUSALS: Final = frozenset({
+    ErrorName.VALIDATION, ErrorName.INVALID_STATE, ErrorName.INVALID_CIPHERTEXT,
+    ErrorName.INVALID_KEY_USAGE, ErrorName.KEY_NOT_FOUND, ErrorName.ACCESS_DENIED,
+    ErrorName.UNSUPPORTED_OPERATION})
+
+
 class ConnectionState(StrEnum):
     """An external instance's link to its EKM, as the instance reports it."""
 
@@ -410,14 +417,20 @@ class HealthProbe:
         return self.status
 
     def observe(self, error: XKSClientError | None) -> None:
-        """What a crypto or metadata call learnt about the link, between probes: a proxy
-        that could not be reached or did not answer in time (``XKSUnavailable``) is
-        Disconnected now; any answer (an XKS error too) is Connected. An invalid answer
-        says nothing about the link and changes nothing."""
-        if error is None or isinstance(error, XKSRejected):
+        """What a crypto or metadata call learnt about the link, between probes.
+
+        Connected: a success, or a refusal about the key or the request (the proxy
+        authenticated the call and looked at the key). Disconnected, as ``check`` would
+        decide: no answer in time (``XKSUnavailable``), or a refusal of the link itself
+        (credentials, URI prefix, the proxy's or its EKM's failure). Unchanged: throttling
+        and an unreadable answer, which say nothing either way."""
+        if error is None or (isinstance(error, XKSRejected)
+                             and error.error.name in _KEY_LEVEL_REFUSALS):
             if self.status is not ConnectionState.CONNECTED:
                 self._set(ConnectionState.CONNECTED, None)
-        elif isinstance(error, XKSUnavailable):
+        elif isinstance(error, XKSUnavailable) or (
+                isinstance(error, XKSRejected)
+                and error.error.name is not ErrorName.THROTTLING):
             self._set(ConnectionState.DISCONNECTED, str(error))
 
     def _set(self, status: ConnectionState, error: str | None) -> None:

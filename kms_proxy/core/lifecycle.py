@@ -406,19 +406,21 @@ class KeyLifecycle:
 
     async def _settle_held(self, key: Key, sink: list[SweepEvent] | None) -> Key | None:
         now = self._s.clock()
-        if (key.state is KeyState.PENDING_DELETION and key.delete_date
-                and parse_time(key.delete_date) <= now):
+        if _deletion_due(key, now):
             await self._delete_now(key)
             self._emit(SweepEvent("DeleteKey", key), sink)
             return None
-        if key.material_expire and parse_time(key.material_expire) <= now:
+        if _expiry_due(key, now):
             key = await self._drop_material(key)
             self._emit(SweepEvent("DeleteKeyMaterial", key), sink)
         return key
 
     async def current(self, key: Key) -> Key | None:
-        """``key`` as it is now (None once its deletion window has ended)."""
-        if key.delete_date is None and key.material_expire is None:
+        """``key`` as it is now (None once its deletion window has ended). The key's lock
+        is taken only when something is due, so reads of a key with a future end date do
+        not wait behind its changes."""
+        now = self._s.clock()
+        if not (_deletion_due(key, now) or _expiry_due(key, now)):
             return key
         return await self._settle(key)
 
@@ -455,6 +457,15 @@ class KeyLifecycle:
                 self._emit(SweepEvent("CreateKeyVersion", settled, version.version_id),
                            events)
         return events
+
+
+def _deletion_due(key: Key, now: datetime) -> bool:
+    return bool(key.state is KeyState.PENDING_DELETION and key.delete_date
+                and parse_time(key.delete_date) <= now)
+
+
+def _expiry_due(key: Key, now: datetime) -> bool:
+    return bool(key.material_expire and parse_time(key.material_expire) <= now)
 
 
 def next_rotation(key: Key) -> str | None:

@@ -676,6 +676,24 @@ async def test_calls_tell_the_probe_what_they_learnt(client: XKSClient) -> None:
     assert probe.status is ConnectionState.DISCONNECTED
     probe.observe(XKSRejected(XKSError(ErrorName.KEY_NOT_FOUND)))
     assert probe.status is ConnectionState.CONNECTED
+    # Refusals of the link itself are what the probe's own check calls Disconnected.
+    for name in (ErrorName.AUTHENTICATION_FAILED, ErrorName.INTERNAL,
+                 ErrorName.DEPENDENCY_TIMEOUT, ErrorName.INVALID_URI_PATH):
+        probe.observe(None)
+        probe.observe(XKSRejected(XKSError(name)))
+        assert probe.status is ConnectionState.DISCONNECTED, name
+    # Key-level refusals say the link works; throttling says nothing.
+    for name in (ErrorName.VALIDATION, ErrorName.INVALID_STATE, ErrorName.INVALID_CIPHERTEXT,
+                 ErrorName.INVALID_KEY_USAGE, ErrorName.ACCESS_DENIED,
+                 ErrorName.UNSUPPORTED_OPERATION):
+        probe.observe(XKSUnavailable("down", kind=UnavailableKind.TIMEOUT))
+        probe.observe(XKSRejected(XKSError(name)))
+        assert probe.status is ConnectionState.CONNECTED, name
+    probe.observe(XKSRejected(XKSError(ErrorName.THROTTLING)))
+    assert probe.status is ConnectionState.CONNECTED
+    probe.observe(XKSUnavailable("down", kind=UnavailableKind.TIMEOUT))
+    probe.observe(XKSRejected(XKSError(ErrorName.THROTTLING)))
+    assert probe.status is ConnectionState.DISCONNECTED
 
 
 async def test_health_probe_reports_every_ekm_unavailable(

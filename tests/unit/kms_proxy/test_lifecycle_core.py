@@ -63,7 +63,8 @@ from kms_proxy.core.model import (
 )
 from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.store.sqlite import SQLiteStore
-from shared.pkcs11pool import PKCS11Pool, SessionContext
+from shared.pkcs11pool import DispatchMode, PKCS11Pool, SessionContext
+from tests.conftest import HSMConfig
 
 ACCOUNT = "1234567890123456"
 REGION = "cn-hangzhou"
@@ -773,6 +774,56 @@ async def build_fresh_read(service: KeyService, key_id: str) -> Key:
     stored = await service._store.get_key(key_id)
     assert stored is not None
     return stored
+
+
+async def test_a_change_during_a_sweep_rotation_is_kept(build: Build, clock: Clock,
+                                                       hsm_config: HSMConfig) -> None:
+    """The sweep rotates under the key's lock: with the token in worker threads the new
+    version is made off the event loop, and a ScheduleKeyDeletion that arrives then waits
+    and applies to the rotated key (without the lock the rotation's save would be stale)."""
+    threads = dataclasses.replace(hsm_config, mode=DispatchMode.THREADS)
+    async with PKCS11Pool(threads.pool()) as pool:
+        hsm = HSMBackend(pool, wrapping_key_label="kms-proxy.wrap")
+        assert await hsm.ensure_token_keys()
+        service = (await build(hsm=hsm)).service
+        key = await create(service, instance=HARDWARE_INSTANCE, storage=DATABASE)
+        await service.lifecycle.update_rotation_policy(USER, key.key_id, enabled=True,
+                                                       interval=7 * DAY_S)
+        clock.advance(7 * DAY + SECOND)
+        events, scheduled = await asyncio.gather(
+            service.lifecycle.run_lifecycle(),
+            service.lifecycle.schedule_key_deletion(USER, key.key_id, 7))
+        assert [e.action for e in events] == ["CreateKeyVersion"]
+        now = await service.describe_key(USER, key.key_id)
+        assert now.state is KeyState.PENDING_DELETION == scheduled.state
+        assert now.primary_version_id == events[0].version_id != key.primary_version_id
+
+
+async def test_reads_of_a_key_with_a_future_end_date_do_not_wait_for_its_lock(
+        build: Build, clock: Clock) -> None:
+    service = (await build()).service
+    key = await create(service, origin=Origin.EXTERNAL)
+    await import_material(service, key.key_id, os.urandom(32),
+                          expire_unix=unix(clock() + HOUR))
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def change() -> None:
+        async with service.key_locks.hold(key.key_id):
+            held.set()
+            await release.wait()
+
+    holder = asyncio.create_task(change())
+    await held.wait()
+    try:
+        sealed = await asyncio.wait_for(service.encrypt(USER, key.key_id, b"r", CONTEXT), 5)
+        assert await asyncio.wait_for(decrypts(service, sealed.blob), 5) == b"r"
+    finally:
+        release.set()
+        await holder
+    # Once the expiry is due, the read settles it under the lock.
+    clock.advance(HOUR)
+    with pytest.raises(KeyStateInvalid):
+        await service.encrypt(USER, key.key_id, b"r", CONTEXT)
 
 
 async def test_a_save_built_on_a_stale_read_is_refused(build: Build) -> None:
