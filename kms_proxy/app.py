@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -278,7 +279,16 @@ def create_app(config: Config) -> web.Application:
 
     async def resources(app: web.Application) -> Any:
         async with AsyncExitStack() as stack:
+            first_start = not config.database.exists()
             store = await stack.enter_async_context(SQLiteStore(config.database))
+            # Before anything is served: the used nonces the last process saved (a short
+            # file read; a crash leaves none, and then older requests are refused).
+            nonce_file = config.database.with_name(config.database.name + ".nonces")
+            if not app[VERIFIER].load_nonces(nonce_file, first_start=first_start) \
+                    and not first_start:
+                log.warning("no saved request nonces (the last stop was not graceful): "
+                            "requests signed before this start are refused")
+            stack.callback(_save_nonces, app[VERIFIER], nonce_file)
             audit = await stack.enter_async_context(
                 AuditLog(config.audit_log, chain_key=config.audit_chain_key))
             software = SoftwareBackend(config.root_key)
@@ -329,6 +339,12 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/health", health)
     return app
+
+
+def _save_nonces(verifier: RequestVerifier, path: Path) -> None:
+    # At the stop, after the last request: the event loop serves nothing any more.
+    count = verifier.save_nonces(path)
+    log.info("saved %d request nonces to %s for the next start", count, path)
 
 
 def _audit_scheduled(audit: AuditLog) -> Callable[[SweepEvent], None]:

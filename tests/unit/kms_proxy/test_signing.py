@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -591,6 +592,69 @@ def test_nonce_cache_is_bounded_and_fails_closed() -> None:
                    now=T0 + WINDOW + timedelta(seconds=12))
     assert cache.horizon is None
     assert len(cache) == 1
+
+
+def test_nonces_saved_at_a_graceful_stop_are_refused_after_the_restart(
+        tmp_path: Path) -> None:
+    path = tmp_path / "kms.db.nonces"
+    before = _SmallChunks(max_size=5, window=WINDOW)
+    for i in range(8):  # Three dropped by size: the horizon goes along.
+        before.remember(("ak", f"n{i}"), when=T0 + timedelta(seconds=i), now=T0)
+    assert before.save(path, now=T0 + timedelta(seconds=9)) == 5
+    assert path.stat().st_mode & 0o777 == 0o600
+    after = _SmallChunks(max_size=5, window=WINDOW)
+    assert after.load(path, now=T0 + timedelta(seconds=10))
+    assert not path.exists()  # A crash later must not reuse it.
+    assert (len(after), after.horizon) == (5, before.horizon)
+    for i in range(3, 8):
+        with pytest.raises(SignatureError) as info:
+            after.remember(("ak", f"n{i}"), when=T0 + timedelta(seconds=i),
+                           now=T0 + timedelta(seconds=11))
+        assert info.value.code == SignatureErrorCode.SIGNATURE_NONCE_USED
+    with pytest.raises(SignatureError) as info:  # Dropped before the stop: the horizon.
+        after.remember(("ak", "n1"), when=T0 + timedelta(seconds=1),
+                       now=T0 + timedelta(seconds=11))
+    assert info.value.code == SignatureErrorCode.TIMESTAMP_EXPIRED
+    # The oldest go first, in the order they arrived before the stop.
+    after.remember(("ak", "new"), when=T0 + timedelta(seconds=12),
+                   now=T0 + timedelta(seconds=12))
+    with pytest.raises(SignatureError) as info:
+        after.remember(("ak", "n3"), when=T0 + timedelta(seconds=3),
+                       now=T0 + timedelta(seconds=12))
+    assert info.value.code == SignatureErrorCode.TIMESTAMP_EXPIRED
+
+
+def test_only_live_nonces_are_saved(tmp_path: Path) -> None:
+    path = tmp_path / "nonces"
+    cache = NonceCache(max_size=10, window=WINDOW)
+    cache.remember(("ak", "old"), when=T0, now=T0)
+    cache.remember(("ak", "recent"), when=T0 + WINDOW, now=T0 + WINDOW)
+    assert cache.save(path, now=T0 + WINDOW + timedelta(seconds=1)) == 1
+    assert "old" not in path.read_text() and "recent" in path.read_text()
+
+
+@pytest.mark.parametrize("content", ["", "not json\n", '{"format": "other"}\n',
+                                     '{"format": "kms-proxy-nonces/1", "horizon": "x"}\n',
+                                     '{"format": "kms-proxy-nonces/1", "horizon": null}\n'
+                                     '["ak", "not an int"]\n'])
+def test_an_unreadable_nonce_file_counts_as_none(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "nonces"
+    path.write_text(content)
+    cache = NonceCache(max_size=10, window=WINDOW)
+    assert not cache.load(path, now=T0)
+    assert not path.exists() and len(cache) == 0
+    assert not cache.load(tmp_path / "missing", now=T0)
+
+
+def test_after_a_stop_without_saving_older_requests_are_refused() -> None:
+    cache = NonceCache(max_size=10, window=WINDOW)
+    started = T0 + timedelta(seconds=100, microseconds=400_000)
+    cache.refuse_before(started)
+    with pytest.raises(SignatureError) as info:
+        cache.remember(("ak", "n"), when=T0 + timedelta(seconds=99), now=started)
+    assert info.value.code == SignatureErrorCode.TIMESTAMP_EXPIRED
+    # Dates have whole seconds: the start's own second passes.
+    cache.remember(("ak", "n"), when=T0 + timedelta(seconds=100), now=started)
 
 
 class _ReferenceNonceCache:
