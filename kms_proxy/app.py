@@ -38,6 +38,7 @@ from kms_proxy.backends.xks_client import XKSClient, XKSConnection
 from kms_proxy.config import Config, HSMTokenConfig, XKIConfig
 from kms_proxy.core.audit import AuditEvent, AuditLog, Outcome
 from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
+from kms_proxy.core.calls import RESOLVED_KEY
 from kms_proxy.core.capabilities import Op, require_principal
 from kms_proxy.core.errors import KmsError
 from kms_proxy.core.lifecycle import SweepEvent
@@ -98,6 +99,8 @@ async def _envelope(request: web.Request, handler: Handler) -> web.StreamRespons
     request_id = request[REQUEST_ID] = str(uuid.uuid4()).upper()
     # The core reads it when it tells a backend (an external key manager) who calls.
     REQUEST_ID_VAR.set(request_id)
+    # Requests on one keep-alive connection share a task and its context: start clean.
+    RESOLVED_KEY.set(None)
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -178,35 +181,42 @@ def _authenticate(request: web.Request, query: dict[str, str], form: dict[str, s
     return Principal(account_id=access_key.account_id, name=access_key.user)
 
 
-def _audit_key(body: dict[str, Any], params: dict[str, str], succeeded: bool
-               ) -> tuple[str | None, bool]:
-    """The key an action used (from the answer, or a bare key id the action accepted) or
-    named (as given, on failure), and whether that is a key of the caller's account."""
+def _audit_key(body: dict[str, Any], params: dict[str, str]) -> tuple[str | None, bool]:
+    """The key an action used: the one its answer names, else the one the core resolved
+    for it (by id, alias, ARN or a blob's head; ``RESOLVED_KEY``), else the reference as
+    the caller gave it (a request refused before any key was found); and whether it is a
+    key of the caller's account (the first two are: the core resolves no other)."""
     metadata = body.get("KeyMetadata")
     if isinstance(metadata, dict):
         return str(metadata.get("KeyId")), True
     if body.get("KeyId"):
         return str(body["KeyId"]), True
+    resolved = RESOLVED_KEY.get()
+    if resolved is not None:
+        return resolved.key_id, True
     named = params.get("KeyId") or params.get("DestinationKeyId")
     arn = params.get("ProtectedResourceArn", "")
     if not named and ":key/" in arn:
         named = arn.rsplit(":key/", 1)[1]
     if not named:
         return None, False
-    return named[:256], succeeded and named.startswith("key-")
+    return named[:256], False
 
 
 def _audit(request: web.Request, action: str, principal: Principal, outcome: Outcome,
            error_code: str | None, result: dict[str, Any], params: dict[str, str]) -> None:
     """One audit event per authenticated action, successful or not (never plaintext)."""
     audit = request.app[AUDIT]
-    key_id, resolved = _audit_key(result, params, outcome is Outcome.SUCCESS)
+    key_id, resolved = _audit_key(result, params)
     key_arn = None
     if key_id and resolved:
         key_arn = f"acs:kms:{request.app[SERVICE].region}:{principal.account_id}:key/{key_id}"
     details: dict[str, str | int | bool | None] = {}
+    version = result.get("KeyVersion")
     if "KeyVersionId" in result:
         details["KeyVersionId"] = str(result["KeyVersionId"])
+    elif isinstance(version, dict) and "KeyVersionId" in version:  # CreateKeyVersion
+        details["KeyVersionId"] = str(version["KeyVersionId"])
     if "AliasName" in params:
         details["AliasName"] = params["AliasName"][:256]
     audit.append(AuditEvent(
@@ -223,21 +233,24 @@ async def rpc(request: web.Request) -> web.Response:
     # Authenticate first, so an anonymous caller learns nothing about actions or versions.
     principal = _authenticate(request, query, form, body)
     action = request.headers.get("x-acs-action") or query.get("Action") or form.get("Action")
-    if not action:
-        raise ApiError("MissingParameter", 400, 'The parameter "Action" is needed but not '
-                       "provided.")
-    version = request.headers.get("x-acs-version") or query.get("Version")
-    if version != API_VERSION:
-        raise ApiError("InvalidVersion", 400, f"Specified version {version!r} is not valid;"
-                       f" this service speaks {API_VERSION}.")
-    spec = ACTIONS.get(action)
-    if spec is None:
-        raise ApiError("InvalidAction.NotFound", 404, f"Specified api {action!r} is not "
-                       "found.")
+    # The legacy signature may carry every parameter, Version too, in a form body.
+    version = (request.headers.get("x-acs-version") or query.get("Version")
+               or form.get("Version"))
     params = {k: v for k, v in {**query, **form}.items() if k not in _PROTOCOL_PARAMS}
     outcome, result = Outcome.FAILURE, {}
     error_code: str | None = "InternalFailure"
+    # Every authenticated request is audited, also one refused for its action or version.
     try:
+        if not action:
+            raise ApiError("MissingParameter", 400, 'The parameter "Action" is needed but '
+                           "not provided.")
+        if version != API_VERSION:
+            raise ApiError("InvalidVersion", 400, f"Specified version {version!r} is not "
+                           f"valid; this service speaks {API_VERSION}.")
+        spec = ACTIONS.get(action)
+        if spec is None:
+            raise ApiError("InvalidAction.NotFound", 404, f"Specified api {action!r} is not "
+                           "found.")
         require_principal(Op(action), principal.kind, principal.arn)
         result = await spec.handler(Call(request.app[SERVICE], principal, Params(params)))
         outcome, error_code = Outcome.SUCCESS, None
@@ -245,8 +258,11 @@ async def rpc(request: web.Request) -> web.Response:
         error = from_core(exc)
         error_code = error.code
         raise error from None
+    except ApiError as exc:
+        error_code = exc.code
+        raise
     finally:
-        _audit(request, action, principal, outcome, error_code, result, params)
+        _audit(request, (action or "")[:128], principal, outcome, error_code, result, params)
     return _json({"RequestId": request_id, **result})
 
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from kms_proxy.backends.base import KeyBackend
 from kms_proxy.core.blob import blob_aad, join_blob, split_blob
-from kms_proxy.core.calls import current_request_id
+from kms_proxy.core.calls import RESOLVED_KEY, current_request_id
 from kms_proxy.core.capabilities import KIND_INSTANCE, Op, require, spec_info
 from kms_proxy.core.errors import (
     AccessDenied,
@@ -271,7 +271,9 @@ class KeyService:
         if key is None or key.account_id != account or key.region != region:
             raise KeyNotFound(key_ref)
         _check_service_key_owner(principal, key)
-        return await self.lifecycle.settled(key, key_ref)
+        key = await self.lifecycle.settled(key, key_ref)
+        RESOLVED_KEY.set(key)
+        return key
 
     @staticmethod
     def _call(principal: Principal, op: Op, key_arn: str) -> CallInfo:
@@ -642,6 +644,7 @@ class KeyService:
             key = await self.lifecycle.settled(key, key.key_id)
         except KeyNotFound:
             raise InvalidCiphertext() from None
+        RESOLVED_KEY.set(key)
         require(key.kind, op, principal.kind)
         require_state(key.state, op)
         self._throttle(key)

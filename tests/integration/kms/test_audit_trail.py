@@ -47,6 +47,9 @@ class Expected:
     key_id: str | None
     outcome: str = "Success"
     error_code: str | None = None
+    # Whether the core found the key (then the line has its ARN), also when the action
+    # failed afterwards; a request refused before that names the key as it was given.
+    resolved: bool = True
 
 
 def principal(who: str) -> tuple[str, str]:
@@ -96,36 +99,49 @@ async def run_traffic(kms: Kms) -> tuple[list[Expected], list[str]]:
     expected.append(Expected(again.request_id, "a2", "Decrypt", key_id))
 
     async def failing(client: Any, who: str, action: str, params: dict[str, Any],
-                      status: int, code: str, key: str | None) -> None:
+                      status: int, code: str, key: str | None, *, resolved: bool) -> None:
         reply = await kms.call(client, action, params)
         assert_error(reply, status, code)
-        expected.append(Expected(reply.body["RequestId"], who, action, key, "Failure", code))
+        expected.append(Expected(reply.body["RequestId"], who, action, key, "Failure", code,
+                                 resolved))
 
     missing_key = "key-hzz00000000000000000000"
     await failing(alice, "a1", "Encrypt", {"KeyId": missing_key, "Plaintext": PLAINTEXT},
-                  404, "Forbidden.KeyNotFound", missing_key)
+                  404, "Forbidden.KeyNotFound", missing_key, resolved=False)
+    # The blob named the key; the context did not match.
     await failing(carol, "a2", "Decrypt", {"CiphertextBlob": sealed.ciphertext_blob,
                                            "EncryptionContext": '{"case":"other"}'},
-                  400, "InvalidParameter", None)
+                  400, "InvalidParameter", key_id, resolved=True)
     too_long = PLAINTEXT * (6144 // len(PLAINTEXT) + 1)
     await failing(alice, "a1", "Encrypt", {"KeyId": key_id, "Plaintext": too_long},
-                  400, "InvalidParameter", key_id)
+                  400, "InvalidParameter", key_id, resolved=False)
     await failing(alice, "a1", "Encrypt", {"KeyId": key_id, "Plaintext": PLAINTEXT,
                                            "DryRun": "true"},
-                  400, "Rejected.UnsupportedOperation", key_id)
+                  400, "Rejected.UnsupportedOperation", key_id, resolved=False)
     await failing(bob, "b1", "DescribeKey",
                   {"KeyId": f"acs:kms:{REGION}:{ACCOUNT_A}:key/{key_id}"},
-                  403, "Forbidden.NoPermission", f"acs:kms:{REGION}:{ACCOUNT_A}:key/{key_id}")
-    disabled = await kms.sdk(alice, "disable_key", models.DisableKeyRequest(key_id=key_id))
+                  403, "Forbidden.NoPermission", f"acs:kms:{REGION}:{ACCOUNT_A}:key/{key_id}",
+                  resolved=False)
+    # Named by alias and by ARN, the lines name the key itself.
+    version = await kms.sdk(alice, "create_key_version", models.CreateKeyVersionRequest(
+        key_id="alias/audited"))
+    expected.append(Expected(version.request_id, "a1", "CreateKeyVersion", key_id))
+    disabled = await kms.sdk(alice, "disable_key", models.DisableKeyRequest(
+        key_id="alias/audited"))
     expected.append(Expected(disabled.request_id, "a1", "DisableKey", key_id))
-    await failing(carol, "a2", "GenerateDataKey", {"KeyId": key_id}, 409,
-                  "Rejected.Disabled", key_id)
+    await failing(carol, "a2", "GenerateDataKey",
+                  {"KeyId": f"acs:kms:{REGION}:{ACCOUNT_A}:key/{key_id}"}, 409,
+                  "Rejected.Disabled", key_id, resolved=True)
 
+    # Authenticated, so audited even though no action ran.
+    unknown = await kms.call(alice, "NoSuchAction")
+    assert_error(unknown, 404, "InvalidAction.NotFound")
+    expected.append(Expected(unknown.body["RequestId"], "a1", "NoSuchAction", None, "Failure",
+                             "InvalidAction.NotFound", False))
     # Not authenticated, so not audited.
     wrong = sdk_client(kms.port, kms.tls.ca, AK_A1, "v3", secret="wrong-secret-000000000000")
     assert_error(await kms.call(wrong, "Encrypt", {"KeyId": key_id, "Plaintext": PLAINTEXT}),
                  400, "SignatureDoesNotMatch")
-    assert_error(await kms.call(alice, "NoSuchAction"), 404, "InvalidAction.NotFound")
     status, _, body = await kms.http("POST", "/?Action=Encrypt&Version=2016-01-20")
     assert_error(Reply(status, json.loads(body)), 400, "IncompleteSignature")
     return expected, secrets
@@ -159,9 +175,9 @@ async def test_one_event_per_authenticated_action(start_kms: StartKms,
             arn, account, want.action), event
         assert (event["key_id"], event["outcome"], event["error_code"]) == (
             want.key_id, want.outcome, want.error_code), event
-        # The ARN is recorded only for a key the action resolved (on success): a failed
-        # call may name a key of another account, or none that exists.
-        if want.outcome == "Success" and want.key_id and want.key_id.startswith("key-"):
+        # The ARN is recorded only for a key the core found for the call: a call refused
+        # before that may name a key of another account, or none that exists.
+        if want.resolved and want.key_id:
             assert event["key_arn"] == f"acs:kms:{REGION}:{account}:key/{want.key_id}"
         else:
             assert event["key_arn"] is None
@@ -171,6 +187,8 @@ async def test_one_event_per_authenticated_action(start_kms: StartKms,
     assert by_action["CreateAlias", "Success"]["details"] == {"AliasName": "alias/audited"}
     assert re.fullmatch(r"[0-9a-f-]{36}",
                         by_action["Decrypt", "Success"]["details"]["KeyVersionId"])
+    assert re.fullmatch(r"[0-9a-f-]{36}",
+                        by_action["CreateKeyVersion", "Success"]["details"]["KeyVersionId"])
 
     report = verify_chain(path, chain_key=kms.config.audit_chain_key)
     assert (report.ok, report.events, report.first_bad_seq) == (True, len(expected), None)

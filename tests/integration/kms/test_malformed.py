@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import uuid
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import pytest
 from alibabacloud_kms20160120 import models
@@ -542,6 +545,35 @@ async def test_a_request_cannot_be_replayed_after_a_restart(start_kms: StartKms,
     assert again.counts()["keys"] == 1
     # Fresh requests pass either way.
     assert (await again.call(again.client("a1", sig), "DescribeRegions")).status == 200
+
+
+def _v2_form(params: dict[str, str]) -> bytes:
+    """A legacy RPC request with every parameter in the form body, signed by the
+    documented algorithm (HMAC-SHA1 over the sorted, percent-encoded parameters); the SDK
+    puts them in the query, other clients do not."""
+    def pe(value: str) -> str:
+        return quote(value, safe="-_.~")
+
+    signed = {"Format": "JSON", "Version": "2016-01-20", "AccessKeyId": AK_A1.id,
+              "SignatureMethod": "HMAC-SHA1", "SignatureVersion": "1.0",
+              "Timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "SignatureNonce": uuid.uuid4().hex, **params}
+    canonical = "&".join(f"{pe(k)}={pe(v)}" for k, v in sorted(signed.items()))
+    digest = hmac.new(f"{AK_A1.secret}&".encode(), f"POST&%2F&{pe(canonical)}".encode(),
+                      hashlib.sha1).digest()
+    return urlencode({**signed, "Signature": base64.b64encode(digest).decode()}).encode()
+
+
+async def test_a_legacy_request_with_every_parameter_in_the_form_body(kms: Kms) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, _, body = await kms.http("POST", "/", headers=form, data=_v2_form(
+        {"Action": "CreateKey", "Description": "all in the form"}))
+    assert status == 200, body
+    created = json.loads(body)["KeyMetadata"]
+    assert created["Description"] == "all in the form"
+    status, _, body = await kms.http("POST", "/", headers=form, data=_v2_form(
+        {"Action": "DescribeKey", "KeyId": created["KeyId"], "Version": "2015-01-01"}))
+    assert_error(Reply(status, json.loads(body)), 400, "InvalidVersion")
 
 
 async def test_reused_nonce_with_a_fresh_signature(kms: Kms, client: Client, sig: str,
