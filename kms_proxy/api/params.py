@@ -71,7 +71,8 @@ class Params:
         return number
 
     def page(self, *, default_size: int = 10) -> tuple[int, int]:
-        number = self.integer("PageNumber", default=1, low=1, high=1 << 31)
+        # An Integer (int32) in the API.
+        number = self.integer("PageNumber", default=1, low=1, high=(1 << 31) - 1)
         size = self.integer("PageSize", default=default_size, low=1, high=100)
         assert number is not None and size is not None
         return number, size

@@ -230,6 +230,9 @@ CASES: dict[str, Case] = {
                                    "PageSize"),
     "list-keys-pagenumber-0": Case("ListKeys", lambda w: {"PageNumber": "0"}, 400, IP,
                                    "PageNumber"),
+    # PageNumber is an Integer (int32): 2147483647 is the largest.
+    "list-keys-pagenumber-2^31": Case("ListKeys", lambda w: {"PageNumber": "2147483648"}, 400,
+                                      IP, "PageNumber"),
     "list-aliases-pagesize-0": Case("ListAliases", lambda w: {"PageSize": "0"}, 400, IP,
                                     "PageSize"),
     "list-aliases-pagesize-101": Case("ListAliases", lambda w: {"PageSize": "101"}, 400, IP,
