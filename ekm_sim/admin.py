@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -92,16 +93,29 @@ class KeyAdmin:
         if not await self._pool.run(exists):
             await self._generate(label, 1, KeyUsage())
 
+    async def _in_token(self, key_id: str) -> int:
+        def count(ctx: SessionContext) -> int:
+            return len(list(ctx.session.get_objects({
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id})))
+
+        return await self._pool.run(count)
+
     async def create(self, key_id: str, usage: KeyUsage, *, enabled: bool = True) -> KeyRecord:
-        """:raises AdminError: for a bad or taken key id."""
+        """:raises AdminError: for a bad or taken key id (in the registry, or in the token:
+        the health check's key, or objects a failed change left behind)."""
         if not _KEY_ID.fullmatch(key_id):
             raise AdminError("a key id is 1-128 characters of [A-Za-z0-9._-]")
-        if self._registry.get(key_id) is not None:
-            raise AdminError(f"key {key_id!r} exists already")
-        await self._generate(key_id, 1, usage)
-        record = KeyRecord(key_id=key_id, enabled=enabled, versions=(1,), created=_now())
-        with self._registry.edit() as records:
-            records[key_id] = record
+        with self._registry.exclusive() as records:
+            if key_id in records:
+                raise AdminError(f"key {key_id!r} exists already")
+            if await self._in_token(key_id):
+                raise AdminError(f"the token already holds objects labelled {key_id!r} "
+                                 "(the health check's key, or a key made outside this "
+                                 "registry)")
+            await self._generate(key_id, 1, usage)
+            record = KeyRecord(key_id=key_id, enabled=enabled, versions=(1,), created=_now())
+            with self._registry.edit() as editing:
+                editing[key_id] = record
         return record
 
     async def usage(self, key_id: str, version: int) -> KeyUsage:
@@ -117,15 +131,18 @@ class KeyAdmin:
 
         :raises AdminError: if the key does not exist.
         """
-        record = self._require(key_id)
-        usage = await self.usage(key_id, record.current_version)
-        version = record.current_version + 1
-        await self._generate(key_id, version, usage)
-        with self._registry.edit() as records:
-            current = records[key_id]
-            records[key_id] = record = KeyRecord(
-                key_id=key_id, enabled=current.enabled,
-                versions=(*current.versions, version), created=current.created)
+        # One change at a time across processes: the next version is decided, made in the
+        # token and recorded under one lock.
+        with self._registry.exclusive() as records:
+            record = _require(records, key_id)
+            usage = await self.usage(key_id, record.current_version)
+            version = record.current_version + 1
+            await self._generate(key_id, version, usage)
+            with self._registry.edit() as editing:
+                current = editing[key_id]
+                editing[key_id] = record = KeyRecord(
+                    key_id=key_id, enabled=current.enabled,
+                    versions=(*current.versions, version), created=current.created)
         return record
 
     async def set_enabled(self, key_id: str, enabled: bool) -> KeyRecord:
@@ -139,10 +156,6 @@ class KeyAdmin:
 
         :raises AdminError: if the key does not exist.
         """
-        self._require(key_id)
-        with self._registry.edit() as records:
-            del records[key_id]
-
         def destroy(ctx: SessionContext) -> int:
             objects = list(ctx.session.get_objects({
                 Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: key_id}))
@@ -151,7 +164,11 @@ class KeyAdmin:
             ctx.forget_keys()
             return len(objects)
 
-        return await self._pool.run(destroy)
+        with self._registry.exclusive() as records:
+            _require(records, key_id)
+            with self._registry.edit() as editing:
+                del editing[key_id]
+            return await self._pool.run(destroy)
 
     async def list(self) -> list[tuple[KeyRecord, KeyUsage]]:
         out = []
@@ -159,8 +176,9 @@ class KeyAdmin:
             out.append((record, await self.usage(record.key_id, record.current_version)))
         return out
 
-    def _require(self, key_id: str) -> KeyRecord:
-        record = self._registry.get(key_id)
-        if record is None:
-            raise AdminError(f"no key {key_id!r}")
-        return record
+
+def _require(records: Mapping[str, KeyRecord], key_id: str) -> KeyRecord:
+    record = records.get(key_id)
+    if record is None:
+        raise AdminError(f"no key {key_id!r}")
+    return record

@@ -127,8 +127,13 @@ class KeyStore:
     # -- lookups ---------------------------------------------------------------------------
 
     def _record(self, store: StoreConfig, key_id: str, principal: str | None) -> KeyRecord:
-        record = self._registry.get(key_id) if store.allows_key(key_id) else None
-        if record is None or key_id == self._health_config.test_key:
+        allowed = store.allows_key(key_id) and key_id != self._health_config.test_key
+        record = self._registry.get(key_id) if allowed else None
+        if record is None and allowed:
+            # Another process (the CLI) may have just made it: look at the file now rather
+            # than after the refresh interval.
+            record = self._registry.reload().get(key_id)
+        if record is None:
             raise KeyNotFound(key_id)
         if store.allowed_principals and not any(
             fnmatch.fnmatchcase(principal or "", p) for p in store.allowed_principals
@@ -140,7 +145,12 @@ class KeyStore:
                    decrypting: bool = False) -> Any:
         """Run ``fn`` on a session and turn HSM errors into key store errors."""
         try:
-            return await self._pool.run(fn, decrypting=decrypting)
+            try:
+                return await self._pool.run(fn, decrypting=decrypting)
+            except HSMKeyMissing:
+                # A cached object handle may be stale (the key was deleted and made again by
+                # the CLI); the pool has dropped every session's cached handles: look again.
+                return await self._pool.run(fn, decrypting=decrypting)
         except HSMKeyMissing:
             raise KeyNotFound(key_id) from None
         except HSMPoolExhausted as exc:
@@ -237,7 +247,11 @@ class KeyStore:
             raise InvalidCiphertext()
         version = parse_ctm(ctm)
         if version not in record.versions:
-            raise InvalidCiphertext()
+            # Made by another worker right after a rotation this one has not read yet: an
+            # InvalidCiphertext would look permanent to the caller.
+            record = self._registry.reload().get(key_id) or record
+            if version not in record.versions:
+                raise InvalidCiphertext()
         bound = bind_aad(aad, ctm)
 
         def open_(ctx: SessionContext) -> bytes:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["KeyRecord", "KeyRegistry", "RegistryError"]
 
@@ -75,6 +75,8 @@ class KeyRegistry:
         self._checked_at = float("-inf")
         self._stamp: tuple[int, int] | None = None
         self._records: dict[str, KeyRecord] = {}
+        # The open lock file while this process holds the registry (``exclusive``).
+        self._held: IO[str] | None = None
 
     def records(self) -> Mapping[str, KeyRecord]:
         """The current records; re-reads the file at most once per refresh interval."""
@@ -86,6 +88,34 @@ class KeyRegistry:
 
     def get(self, key_id: str) -> KeyRecord | None:
         return self.records().get(key_id)
+
+    def reload(self) -> Mapping[str, KeyRecord]:
+        """The records as the file holds them now, whatever the refresh interval (a
+        ciphertext naming a version this process has not seen yet: another process may
+        have just rotated). A stat per call; the file is read only if it changed."""
+        self._checked_at = float("-inf")
+        return self.records()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[Mapping[str, KeyRecord]]:
+        """Hold the registry against every other writer (process) for a whole change:
+        read, change the token, then ``edit``. Yields the records as they are now.
+
+        Without it two ``keys rotate`` could both pick version N+1 and make two token
+        objects for it, which breaks the key.
+        """
+        if self._held is not None:
+            yield _read(self.path) if self.path.exists() else {}
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_suffix(self.path.suffix + ".lock")
+        with open(lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._held = lock
+            try:
+                yield _read(self.path) if self.path.exists() else {}
+            finally:
+                self._held = None
 
     def _reload_if_changed(self) -> None:
         try:
@@ -104,11 +134,8 @@ class KeyRegistry:
 
         :raises RegistryError: if the file is unreadable.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_suffix(self.path.suffix + ".lock")
-        with open(lock_path, "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            records = _read(self.path) if self.path.exists() else {}
+        with self.exclusive() as current:
+            records = dict(current)
             yield records
             tmp = self.path.with_suffix(self.path.suffix + ".tmp")
             tmp.write_text(json.dumps({

@@ -122,12 +122,17 @@ class SessionContext:
     def __init__(self, session: Any) -> None:
         self.session = session
         self._keys: dict[tuple[str, bytes], Any] = {}
+        self._generation = _handles.generation
 
     def secret_key(self, label: str, key_id: bytes) -> Any:
         """Find a token secret key by label and CKA_ID, cached.
 
         :raises HSMKeyMissing: if there is not exactly one such key.
         """
+        if self._generation != _handles.generation:
+            # Some session met a handle of a destroyed object: no cached handle is trusted.
+            self._keys.clear()
+            self._generation = _handles.generation
         key = self._keys.get((label, key_id))
         if key is None:
             found = list(self.session.get_objects({
@@ -143,6 +148,15 @@ class SessionContext:
 
     def forget_keys(self) -> None:
         self._keys.clear()
+
+
+class _HandleGeneration:
+    """Bumped when any session finds a cached object handle invalid."""
+
+    generation = 0
+
+
+_handles = _HandleGeneration()
 
 
 def aes_gcm(key: Any, data: bytes, *, iv: bytes, aad: bytes, decrypt: bool) -> bytes:
@@ -293,6 +307,9 @@ class PKCS11Pool:
             self._evict(ctx, exc)
             raise HSMError(f"the token reported {type(exc).__name__}") from None
         except p11e.ObjectHandleInvalid:
+            # Objects are destroyed in the token, for every session: every session's cached
+            # handles go (the others drop theirs on their next lookup).
+            _handles.generation += 1
             ctx.forget_keys()
             raise HSMKeyMissing("a cached key object is gone") from None
         except _SESSION_ERRORS as exc:

@@ -226,3 +226,40 @@ def test_dev_down_stops_it(tmp_path: Path) -> None:
             os.kill(up["pid"], 0)
             time.sleep(0.1)
     assert not (tmp_path / "ekm.json").exists()
+
+
+async def test_concurrent_cli_changes_and_a_key_made_again(stack: dict[str, Any]) -> None:
+    """Three `keys rotate` at once each add a version (one lock across processes), and a
+    key deleted and made again serves its first request (no stale handle or registry)."""
+    config = ["--config", stack["config"]]
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+
+    def versions() -> list[int]:
+        listing = json.loads(run("keys", "list", "--json", *config).stdout)
+        return list(next(k for k in listing if k["key_id"] == "foo")["versions"])
+
+    before = versions()
+    rotations = [subprocess.Popen([*EKM_SIM, "keys", "rotate", "foo", *config], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+    for process in rotations:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+    after = versions()
+    assert after == sorted(set(after)) and after[:len(before)] == before
+    assert len(after) == len(before) + 3
+    client = Client(stack)
+    try:
+        status, sealed = await client.encrypt("foo", b"newest")  # no wait for the refresh
+        assert status == 200
+        assert (await client.decrypt("foo", sealed))[1] == {"plaintext": b64(b"newest")}
+        for _ in range(2):  # The second time, version 1 was just used: its handle cached.
+            run("keys", "delete", "foo", *config)
+            run("keys", "create", "foo", *config)
+            await asyncio.sleep(0.6)
+            status, body = await client.encrypt("foo", b"again")
+            assert status == 200, body
+    finally:
+        await client.session.close()
+    clash = run("keys", "create", "ekm-sim.health-probe", *config, check=False)
+    assert clash.returncode == 2 and "already holds" in clash.stderr

@@ -16,6 +16,7 @@ import pytest
 from ekm_sim.admin import KeyAdmin, KeyUsage
 from ekm_sim.app import KEYSTORE, reload_credentials
 from ekm_sim.config import Config, HealthConfig, LimitsConfig
+from ekm_sim.keystore import KeyStore
 from ekm_sim.registry import KeyRegistry
 from shared.pkcs11pool import PKCS11Pool
 from shared.sigv4 import Credential
@@ -213,6 +214,25 @@ async def test_rotation_keeps_old_ciphertexts(sim: Sim) -> None:
     # A new version keeps the usage of the old one.
     _, meta = await sim.call("keys/foo/metadata", {"requestMetadata": metadata("DescribeKey")})
     assert meta["keyUsage"] == ["ENCRYPT", "DECRYPT"]
+
+
+async def test_a_version_made_by_another_worker_decrypts_at_once(sim: Sim) -> None:
+    """With several workers, one may make a ciphertext with a version another has not
+    read yet (each re-reads the registry every 0.5 s): the other looks at the registry
+    again before calling it invalid."""
+    assert (await sim.encrypt("foo", b"warm"))[0] == 200  # the server has read the registry
+    async with PKCS11Pool(sim.config.hsm.pool()) as pool:
+        registry = KeyRegistry(sim.config.registry)
+        assert (await KeyAdmin(pool, registry).rotate("foo")).versions == (1, 2)
+        other_worker = KeyStore(pool=pool, registry=registry, limits=sim.config.limits,
+                                health=sim.config.health, iv_from_hsm=False)
+        sealed = await other_worker.encrypt(sim.config.stores[0], "foo", b"made elsewhere",
+                                            None, want_cdiv=False, principal=None)
+    status, body = await sim.decrypt("foo", {
+        "ciphertext": b64(sealed.ciphertext), "initializationVector": b64(sealed.iv),
+        "authenticationTag": b64(sealed.tag),
+        "ciphertextMetadata": b64(sealed.ciphertext_metadata)})
+    assert (status, body) == (200, {"plaintext": b64(b"made elsewhere")})
 
 
 async def test_disabled_key(sim: Sim) -> None:
