@@ -228,6 +228,15 @@ def test_dev_down_stops_it(tmp_path: Path) -> None:
     assert not (tmp_path / "ekm.json").exists()
 
 
+def _at_once(commands: list[list[str]], env: dict[str, str]) -> None:
+    """Start every command, then wait for all; each must succeed."""
+    started = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for command in commands]
+    for process in started:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+
+
 async def test_concurrent_cli_changes_and_a_key_made_again(stack: dict[str, Any]) -> None:
     """Three `keys rotate` at once each add a version (one lock across processes), and a
     key deleted and made again serves its first request (no stale handle or registry)."""
@@ -239,12 +248,7 @@ async def test_concurrent_cli_changes_and_a_key_made_again(stack: dict[str, Any]
         return list(next(k for k in listing if k["key_id"] == "foo")["versions"])
 
     before = versions()
-    rotations = [subprocess.Popen([*EKM_SIM, "keys", "rotate", "foo", *config], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(3)]
-    for process in rotations:
-        _, err = process.communicate(timeout=120)
-        assert process.returncode == 0, err
+    _at_once([[*EKM_SIM, "keys", "rotate", "foo", *config]] * 3, env)
     after = versions()
     assert after == sorted(set(after)) and after[:len(before)] == before
     assert len(after) == len(before) + 3
