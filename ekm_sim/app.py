@@ -40,7 +40,7 @@ from ekm_sim.registry import KeyRegistry, RegistryError
 from shared import xks
 from shared.pkcs11pool import PKCS11Pool
 from shared.ratelimit import TokenBucket
-from shared.serving import line_writer
+from shared.serving import CLIENT_CLOSED_REQUEST, line_writer
 from shared.sigv4 import SigV4Error, SigV4Verifier
 from shared.tls import names_allowed, peer_names
 from shared.xks import ErrorName, XKSError
@@ -123,6 +123,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         error, status = _from_http(exc)
+    except ConnectionResetError:
+        # The client went away before its request was read (a partial body): no one is
+        # left to answer, and it is not the simulator's failure.
+        log.info("client disconnected in the middle of its request")
+        fields["outcome"] = "ClientDisconnected"
+        return web.Response(status=CLIENT_CLOSED_REQUEST, reason="Client Closed Request")
     except RegistryError:
         log.exception("key registry unreadable")
         error, status = XKSError(ErrorName.INTERNAL, "key registry unavailable"), None

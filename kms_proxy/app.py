@@ -47,6 +47,7 @@ from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.openapi import openapi_document
 from kms_proxy.store.sqlite import SQLiteStore
 from shared.pkcs11pool import DispatchMode, PKCS11Pool, PoolConfig
+from shared.serving import CLIENT_CLOSED_REQUEST
 from shared.sigv4 import Credential
 
 __all__ = ["AUDIT", "CONFIG", "SERVICE", "create_app", "unparsable_answer"]
@@ -111,6 +112,11 @@ async def _envelope(request: web.Request, handler: Handler) -> web.StreamRespons
             raise
         error = _from_http(exc)
         response = _json(error_body(error, request_id), error.status)
+    except ConnectionResetError:
+        # The client went away before its request was read (a partial body): no one is
+        # left to answer, and it is not the front's failure.
+        log.info("request %s: the client disconnected in the middle of it", request_id)
+        response = web.Response(status=CLIENT_CLOSED_REQUEST, reason="Client Closed Request")
     except Exception:
         log.exception("unexpected failure in request %s", request_id)
         error = ApiError("InternalFailure", 500, "Internal Failure.")

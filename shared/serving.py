@@ -17,14 +17,15 @@ import time
 import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Final
 
 from aiohttp import web
 
 from shared.unparsable import Answer, ProtocolErrorRunner
 
-__all__ = ["EVENT_LOOPS", "BackgroundError", "BufferedFileHandler", "configure_logging",
-           "line_writer", "run_loop", "serve_app", "start_background", "stop_process",
-           "write_atomically"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "EVENT_LOOPS", "BackgroundError", "BufferedFileHandler",
+           "configure_logging", "line_writer", "run_loop", "serve_app", "start_background",
+           "stop_process", "write_atomically"]
 
 log = logging.getLogger("shared.serving")
 
@@ -160,6 +161,10 @@ def write_atomically(path: Path, text: str, *, mode: int = 0o644) -> None:
     tmp.chmod(mode)
     tmp.replace(path)
 
+
+# The status a request log records for a client that closed its connection before its
+# request was read (nginx's 499); nothing is sent, there is no one to send it to.
+CLIENT_CLOSED_REQUEST: Final = 499
 
 # The event loops a server can run on: Python's own "asyncio" (the default) or "uvloop"
 # (libuv, with its own TLS transport). On this project's TLS workloads uvloop measured no

@@ -20,6 +20,7 @@ import pytest
 import trustme
 from aiohttp import ClientSession, TCPConnector, web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from ekm_sim.admin import KeyAdmin, KeyUsage, init_token, write_softhsm_conf
 from ekm_sim.app import create_app
@@ -73,6 +74,16 @@ def ca() -> trustme.CA:
 @pytest.fixture(scope="session")
 def server_cert(ca: trustme.CA) -> trustme.LeafCert:
     return ca.issue_cert("127.0.0.1", "localhost")
+
+
+class ServedTestServer(TestServer):
+    """aiohttp's test server, run as ``shared.serving`` runs an app: a handler is not
+    cancelled when its client goes away (the test server would cancel it), so the code
+    path of a client that leaves mid-request is the served one."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
 
 
 @dataclass
@@ -230,7 +241,7 @@ async def start_sim(tls_files: TLSFiles) -> AsyncIterator[StartSim]:
         if provision_keys:
             await provision(config)
         app = create_app(config)
-        server = TestServer(app, host="127.0.0.1", port=0)
+        server = ServedTestServer(app, host="127.0.0.1", port=0)
         await server.start_server(ssl=server_ssl(config))
         servers.append(server)
         ctx = client_ssl(tls_files, cert=client_cert) if config.tls.enabled else None

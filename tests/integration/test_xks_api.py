@@ -20,7 +20,8 @@ from ekm_sim.keystore import KeyStore
 from ekm_sim.registry import KeyRegistry
 from shared.pkcs11pool import PKCS11Pool
 from shared.sigv4 import Credential
-from tests.conftest import CRED_A, CRED_B, PREFIX, Sim, StartSim, metadata, store
+from shared.tls import client_context
+from tests.conftest import CRED_A, CRED_B, PREFIX, Sim, StartSim, TLSFiles, metadata, store
 
 b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
 unb64 = base64.b64decode
@@ -498,3 +499,26 @@ async def test_plain_http_when_asked(start_sim: StartSim,
     status, sealed = await sim.encrypt("foo", b"over http")
     assert status == 200
     assert (await sim.decrypt("foo", sealed))[0] == 200
+
+
+async def test_a_client_that_leaves_mid_body_is_not_an_internal_error(
+        sim: Sim, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture) -> None:
+    """Headers and part of the body, then the connection closes: logged as a client that
+    went away, not as an internal error with a traceback."""
+    caplog.set_level(logging.INFO)
+    host, port = sim.url.removeprefix("https://").rsplit(":", 1)
+    context = client_context(ca=tls_files.ca, cert=tls_files.client_cert,
+                             key=tls_files.client_key)
+    _, writer = await asyncio.open_connection(host, int(port), ssl=context)
+    writer.write(f"POST /{PREFIX}/kms/xks/v1/keys/foo/encrypt HTTP/1.1\r\nHost: {host}\r\n"
+                 "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                 '{"plaintext":'.encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(50):
+        if any("disconnected" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    assert any("disconnected" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

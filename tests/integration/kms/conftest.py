@@ -27,7 +27,7 @@ from kms_proxy.app import create_app
 from kms_proxy.config import AccessKeyConfig, AccountConfig, Config, InstanceConfig, ServerConfig
 from kms_proxy.core.model import InstanceType
 from shared.tls import client_context, server_context
-from tests.conftest import TLSFiles
+from tests.conftest import ServedTestServer, TLSFiles
 
 REGION = "cn-hangzhou"
 ACCOUNT_A = "1234567890123456"
@@ -217,8 +217,8 @@ async def start_kms(tmp_path: Path, tls_files: TLSFiles) -> AsyncIterator[StartK
 
             app.middlewares.append(record)
         # As in production (shared.serving): no aiohttp access log, whose request line
-        # would carry the query string.
-        server = TestServer(app, host="127.0.0.1", port=0)
+        # would carry the query string, and no cancelling a handler whose client left.
+        server = ServedTestServer(app, host="127.0.0.1", port=0)
         assert config.server.cert is not None and config.server.key is not None
         await server.start_server(ssl=server_context(cert=config.server.cert,
                                                      key=config.server.key),

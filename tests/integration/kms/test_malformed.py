@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.tls import client_context
 from tests.integration.kms.conftest import (
     ACCOUNT_A,
     AK_A1,
@@ -670,3 +672,22 @@ async def test_region_in_arn_is_respected(kms: Kms, client: Client, world: World
     arn = f"acs:kms:{REGION}:{ACCOUNT_A}:key/{world.key_id}"
     reply = await kms.call(client, "DescribeKey", {"KeyId": arn})
     assert reply.status == 200 and reply.body["KeyMetadata"]["KeyId"] == world.key_id
+
+
+async def test_a_client_that_leaves_mid_body_is_not_an_internal_error(
+        kms: Kms, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    context = client_context(ca=kms.tls.ca)
+    _, writer = await asyncio.open_connection("127.0.0.1", kms.port, ssl=context)
+    writer.write(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nAction=")
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(50):
+        if any("disconnected" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    assert any("disconnected" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert kms.counts() == {"keys": 0, "key_versions": 0, "aliases": 0, "tags": 0}
