@@ -14,6 +14,7 @@ then, per key store (a sub-app mounted at its URI prefix):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -357,13 +358,29 @@ def reload_credentials(app: web.Application, config: Config) -> list[str]:
     warnings say which were ignored.
     """
     verifiers: dict[str, SigV4Verifier] = app[VERIFIERS]
+    running: Config = app[CONFIG]
+    before = {s.uri_prefix: s for s in running.stores}
     warnings = []
     for store in config.stores:
         verifier = verifiers.get(store.uri_prefix)
         if verifier is None:
             warnings.append(f"new store {store.uri_prefix!r} needs a restart")
-        else:
-            verifier.set_credentials(store.credentials)
+            continue
+        verifier.set_credentials(store.credentials)
+        old = before.get(store.uri_prefix)
+        changed = _changed_fields(old, store, ignore={"credentials"}) if old else []
+        if changed:
+            warnings.append(f"store {store.uri_prefix!r}: {', '.join(changed)} changed; "
+                            "only credentials are reloaded, restart for the rest")
     for prefix in verifiers.keys() - {s.uri_prefix for s in config.stores}:
         warnings.append(f"store {prefix!r} was removed from the config; it stays until restart")
+    changed = _changed_fields(running, config, ignore={"stores"})
+    if changed:
+        warnings.append(f"{', '.join(changed)} changed; restart to apply")
     return warnings
+
+
+def _changed_fields(old: Any, new: Any, *, ignore: set[str]) -> list[str]:
+    """The names of the dataclass fields that differ between ``old`` and ``new``."""
+    return [f.name for f in dataclasses.fields(old)
+            if f.name not in ignore and getattr(old, f.name) != getattr(new, f.name)]

@@ -169,6 +169,10 @@ def _tls(r: TableReader) -> TLSConfig:
             "is required when require_client_cert is true")
     r.check(not tls.require_client_cert or enabled, "require_client_cert",
             "needs tls.enabled")
+    # Without a required certificate no client name is ever seen, so the list would be
+    # silently ignored: a fail-open setting.
+    r.check(not tls.allowed_client_names or tls.require_client_cert, "allowed_client_names",
+            "needs require_client_cert = true (without it no client name is checked)")
     return tls
 
 

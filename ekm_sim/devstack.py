@@ -73,6 +73,26 @@ def _cli(*args: str, env: dict[str, str]) -> None:
         raise AdminError(f"ekm-sim {' '.join(args)} failed: {done.stderr.strip()}")
 
 
+def _warn_if_kept(config_path: Path, *, port: int, workers: int) -> None:
+    """An existing workdir keeps its config: say so when this call asked for other
+    settings (they would otherwise be dropped without a word)."""
+    if not config_path.exists():
+        return
+    from ekm_sim.config import ConfigError, load
+
+    try:
+        server = load(config_path).server
+    except ConfigError:
+        return  # The server start reports it.
+    kept = [f"{name} {have} (asked: {asked})"
+            for name, have, asked, default in (("port", server.port, port, 0),
+                                               ("workers", server.workers, workers, 1))
+            if asked != default and asked != have]
+    if kept:
+        print(f"ekm-sim dev up: {config_path} exists and keeps {', '.join(kept)}; edit it, "
+              "or use a new workdir", file=sys.stderr)
+
+
 def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
        ) -> dict[str, Any]:
     """Set up certificates, a token, a config and the demo keys, start the server in the
@@ -81,6 +101,7 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
     :raises AdminError: if set-up fails or the server does not come up in time.
     """
     workdir = workdir.resolve()
+    _warn_if_kept(workdir / "ekm-sim.toml", port=port, workers=workers)
     info_path = workdir / "ekm.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
@@ -135,7 +156,6 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
 def _config_text(workdir: Path, certs: dict[str, Path], conf: Path,
                  second: tuple[str, str], port: int, workers: int) -> str:
     user_pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)
-    keys = ", ".join(f'"{key_id}"' for key_id, _ in KEYS.values())
     return f"""# Written by `ekm-sim dev up`. Holds secrets: keep it private (mode 0600).
 registry = "{workdir / 'keys.json'}"
 
@@ -162,7 +182,8 @@ softhsm_conf = "{conf}"
 [[stores]]
 uri_prefix = "{URI_PREFIX}"
 region = "{REGION}"
-keys = [{keys}]
+# Every key of the registry, so keys made later with `ekm-sim keys create` are served too.
+keys = ["*"]
 
 [[stores.credentials]]
 access_key_id = "{TEST_CLIENT_CREDENTIAL[0]}"

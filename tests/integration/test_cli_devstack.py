@@ -99,8 +99,13 @@ def test_ekm_json_has_the_stable_fields(stack: dict[str, Any]) -> None:
 
 
 def test_dev_up_is_idempotent(stack: dict[str, Any]) -> None:
-    again = json.loads(run("dev", "up", "--workdir", str(stack["workdir"])).stdout)
-    assert again["pid"] == stack["pid"] and again["url"] == stack["url"]
+    again = run("dev", "up", "--workdir", str(stack["workdir"]))
+    assert json.loads(again.stdout)["pid"] == stack["pid"]
+    assert json.loads(again.stdout)["url"] == stack["url"] and not again.stderr
+    # The workdir keeps its config; asking for other settings says so.
+    other = run("dev", "up", "--workdir", str(stack["workdir"]), "--workers", "2")
+    assert json.loads(other.stdout)["pid"] == stack["pid"]
+    assert "keeps workers 1 (asked: 2)" in other.stderr
 
 
 async def test_keys_lifecycle_against_the_running_server(stack: dict[str, Any]) -> None:
@@ -263,6 +268,11 @@ async def test_concurrent_cli_changes_and_a_key_made_again(stack: dict[str, Any]
             await asyncio.sleep(0.6)
             status, body = await client.encrypt("foo", b"again")
             assert status == 200, body
+        # A key made after `dev up` is served too (the dev store serves every key).
+        run("keys", "create", "made-later", *config)
+        status, body = await client.encrypt("made-later", b"new key")
+        assert status == 200, body
+        run("keys", "delete", "made-later", *config)
     finally:
         await client.session.close()
     clash = run("keys", "create", "ekm-sim.health-probe", *config, check=False)

@@ -310,6 +310,25 @@ async def test_credentials_rotate_without_restart(sim: Sim,
     assert (status, body["errorName"]) == (401, "AuthenticationFailedException")
 
 
+async def test_a_reload_names_every_change_it_does_not_apply(
+        sim: Sim, make_config: Callable[..., Config]) -> None:
+    """Only credentials are reloaded: a changed allow-list, principals, quota or limit is
+    named in a warning rather than silently kept as it was."""
+    changed = make_config(
+        stores=(store(keys=("foo",), allowed_principals=("arn:aws:iam::1:user/x",),
+                      quota_rps=5),),
+        limits=LimitsConfig(max_plaintext_bytes=1000))
+    warnings = reload_credentials(sim.app, changed)
+    assert len(warnings) == 2, warnings
+    assert all(name in warnings[0] for name in ("keys", "allowed_principals", "quota_rps"))
+    assert "credentials" not in warnings[0].split(":")[1].split("changed")[0]
+    assert warnings[1] == "limits changed; restart to apply"
+    # Nothing but the credentials took effect: decrypt_only_key is still served.
+    status, body = await sim.call("keys/decrypt_only_key/metadata",
+                                  {"requestMetadata": metadata("DescribeKey")})
+    assert status == 200, body
+
+
 @pytest.mark.parametrize("cred", [
     Credential("Invalid" + CRED_A.access_key_id, CRED_A.secret_access_key),
     Credential(CRED_A.access_key_id, "Invalid" + CRED_A.secret_access_key),

@@ -420,6 +420,8 @@ def test_limits_outside_the_spec_range(tmp_path: Path, section: str, field: str,
     ("hsm", "workers", "0"),
     ("tls", "enabled", '"true"'),
     ("tls", "allowed_client_names", '"x"'),
+    # A name list without a required client certificate would never be checked.
+    ("tls", "allowed_client_names", '["client.example"]'),
 ])
 def test_other_bad_values_name_the_field(tmp_path: Path, section: str, field: str,
                                          value: str) -> None:
