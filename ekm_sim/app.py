@@ -102,7 +102,9 @@ def _from_http(exc: web.HTTPException) -> tuple[XKSError, int | None]:
     if exc.status == 405:
         # "A GET on any of the four API URIs MUST return 405" (spec L114-120): the one status
         # outside the spec's error table, so it keeps its own code with a readable body.
-        return XKSError(ErrorName.VALIDATION, "XKS APIs accept only POST"), 405
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()))) or "POST"
+        what = "XKS APIs accept" if allowed == "POST" else "this path accepts"
+        return XKSError(ErrorName.VALIDATION, f"{what} only {allowed}"), 405
     if exc.status == 413:
         return XKSError(ErrorName.UNSUPPORTED_OPERATION,
                         f"request body larger than {_MAX_BODY} bytes"), None
@@ -112,6 +114,7 @@ def _from_http(exc: web.HTTPException) -> tuple[XKSError, int | None]:
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     fields = request[LOG_FIELDS]
+    allow = "POST"
     try:
         return await handler(request)
     except XKSError as exc:
@@ -124,6 +127,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         error, status = _from_http(exc)
+        allow = ", ".join(sorted(getattr(exc, "allowed_methods", ()))) or allow
     except ConnectionResetError:
         # The client went away before its request was read (a partial body): no one is
         # left to answer, and it is not the simulator's failure.
@@ -140,7 +144,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     fields["outcome"] = str(error.name)
     response = render_error(error, status=status)
     if status == 405:
-        response.headers["Allow"] = "POST"
+        response.headers["Allow"] = allow
     return response
 
 

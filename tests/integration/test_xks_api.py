@@ -379,6 +379,13 @@ async def test_get_is_405(sim: Sim, api: str) -> None:
         assert "errorName" in await resp.json()
 
 
+async def test_post_to_ping_names_the_method_ping_takes(sim: Sim) -> None:
+    async with sim.session.post(f"{sim.url}/ping") as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] in ("GET", "GET, HEAD", "HEAD, GET")
+        assert (await resp.json())["errorMessage"].startswith("this path accepts only")
+
+
 @pytest.mark.parametrize(("raw", "headers"), [
     (b"{not json", None),
     (b"[1,2,3]", None),
