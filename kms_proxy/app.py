@@ -47,7 +47,7 @@ from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.openapi import openapi_document
 from kms_proxy.store.sqlite import SQLiteStore
 from shared.pkcs11pool import DispatchMode, PKCS11Pool, PoolConfig
-from shared.serving import CLIENT_CLOSED_REQUEST
+from shared.serving import BODY_TIMEOUT_S, CLIENT_CLOSED_REQUEST, read_body
 from shared.sigv4 import Credential
 
 __all__ = ["AUDIT", "CONFIG", "SERVICE", "create_app", "unparsable_answer"]
@@ -129,7 +129,11 @@ async def _envelope(request: web.Request, handler: Handler) -> web.StreamRespons
 
 async def _parameters(request: web.Request) -> tuple[dict[str, str], dict[str, str], bytes]:
     """Query and form parameters (each name once) and the raw body."""
-    body = await request.read()
+    try:
+        body = await read_body(request)
+    except TimeoutError:
+        raise ApiError("InvalidParameter", 400, "The request body did not arrive within "
+                       f"{BODY_TIMEOUT_S:.0f} s.") from None
     query: dict[str, str] = {}
     try:
         # Strict: invalid UTF-8 after percent-decoding is refused, not replaced by U+FFFD

@@ -24,8 +24,8 @@ from aiohttp import web
 from shared.unparsable import Answer, ProtocolErrorRunner
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "EVENT_LOOPS", "BackgroundError", "BufferedFileHandler",
-           "configure_logging", "line_writer", "run_loop", "serve_app", "start_background",
-           "stop_process", "write_atomically"]
+           "configure_logging", "line_writer", "read_body", "run_loop", "serve_app",
+           "start_background", "stop_process", "write_atomically"]
 
 log = logging.getLogger("shared.serving")
 
@@ -165,6 +165,23 @@ def write_atomically(path: Path, text: str, *, mode: int = 0o644) -> None:
 # The status a request log records for a client that closed its connection before its
 # request was read (nginx's 499); nothing is sent, there is no one to send it to.
 CLIENT_CLOSED_REQUEST: Final = 499
+
+# How long a request body may take to arrive once its headers have: a client that stops
+# in the middle otherwise holds its connection and handler for ever (aiohttp has no such
+# limit; its keep-alive and header timeouts do not cover a body). A 1 MiB body over a slow
+# link takes far less.
+BODY_TIMEOUT_S: Final = 30.0
+
+
+async def read_body(request: web.BaseRequest) -> bytes:
+    """The request's body, within ``BODY_TIMEOUT_S``. :raises TimeoutError:"""
+    async with asyncio.timeout(body_timeout_s):
+        return await request.read()
+
+
+# What read_body applies (a module value, so a test can shorten it).
+body_timeout_s = BODY_TIMEOUT_S
+
 
 # The event loops a server can run on: Python's own "asyncio" (the default) or "uvloop"
 # (libuv, with its own TLS transport). On this project's TLS workloads uvloop measured no

@@ -18,6 +18,7 @@ from ekm_sim.app import KEYSTORE, reload_credentials
 from ekm_sim.config import Config, HealthConfig, LimitsConfig
 from ekm_sim.keystore import KeyStore
 from ekm_sim.registry import KeyRegistry
+from shared import serving
 from shared.pkcs11pool import PKCS11Pool
 from shared.sigv4 import Credential
 from shared.tls import client_context
@@ -548,3 +549,25 @@ async def test_a_client_that_leaves_mid_body_is_not_an_internal_error(
         await asyncio.sleep(0.05)
     assert any("disconnected" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_body_that_stops_arriving_is_refused_in_time(
+        sim: Sim, tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends part of its body and then nothing no longer holds its handler
+    and connection for ever (30 s in service; shortened here)."""
+    monkeypatch.setattr(serving, "body_timeout_s", 0.3)
+    host, port = sim.url.removeprefix("https://").rsplit(":", 1)
+    context = client_context(ca=tls_files.ca, cert=tls_files.client_cert,
+                             key=tls_files.client_key)
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=context)
+    try:
+        writer.write(f"POST /{PREFIX}/kms/xks/v1/keys/foo/encrypt HTTP/1.1\r\nHost: {host}"
+                     "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+                     .encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), timeout=5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["errorName"] == "ValidationException"

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared import serving
 from shared.tls import client_context
 from tests.integration.kms.conftest import (
     ACCOUNT_A,
@@ -691,3 +692,20 @@ async def test_a_client_that_leaves_mid_body_is_not_an_internal_error(
     assert any("disconnected" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert kms.counts() == {"keys": 0, "key_versions": 0, "aliases": 0, "tags": 0}
+
+
+async def test_a_body_that_stops_arriving_is_refused_in_time(
+        kms: Kms, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving, "body_timeout_s", 0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", kms.port,
+                                                   ssl=client_context(ca=kms.tls.ca))
+    try:
+        writer.write(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nAc")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), timeout=5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["Code"] == "InvalidParameter"
