@@ -19,7 +19,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
@@ -28,6 +27,7 @@ from aiohttp import web
 from kms_proxy.api.actions import ACTIONS, Call
 from kms_proxy.api.errors import ApiError, error_body, from_core
 from kms_proxy.api.jwt_auth import TokenError, TokenVerifier, TrustedIssuer
+from kms_proxy.api.nonce_journal import NonceJournal
 from kms_proxy.api.params import Params
 from kms_proxy.api.signing import AccessKey, RequestVerifier, SignatureError
 from kms_proxy.backends.base import KeyBackend
@@ -307,14 +307,14 @@ def create_app(config: Config) -> web.Application:
         async with AsyncExitStack() as stack:
             first_start = not config.database.exists()
             store = await stack.enter_async_context(SQLiteStore(config.database))
-            # Before anything is served: the used nonces the last process saved (a short
-            # file read; a crash leaves none, and then older requests are refused).
-            nonce_file = config.database.with_name(config.database.name + ".nonces")
-            if not app[VERIFIER].load_nonces(nonce_file, first_start=first_start) \
+            # Before anything is served: the nonces earlier processes accepted (files read
+            # once, at start), and from now on every accepted one is journaled.
+            journal = nonce_journal(config, window_us=app[VERIFIER].window_us)
+            if not app[VERIFIER].use_journal(journal, first_start=first_start) \
                     and not first_start:
-                log.warning("no saved request nonces (the last stop was not graceful): "
-                            "requests signed before this start are refused")
-            stack.callback(_save_nonces, app[VERIFIER], nonce_file)
+                log.warning("no usable request-nonce journal: requests signed before this "
+                            "start are refused")
+            stack.callback(journal.close)
             audit = await stack.enter_async_context(
                 AuditLog(config.audit_log, chain_key=config.audit_chain_key))
             software = SoftwareBackend(config.root_key)
@@ -367,10 +367,10 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-def _save_nonces(verifier: RequestVerifier, path: Path) -> None:
-    # At the stop, after the last request: the event loop serves nothing any more.
-    count = verifier.save_nonces(path)
-    log.info("saved %d request nonces to %s for the next start", count, path)
+def nonce_journal(config: Config, *, window_us: int) -> NonceJournal:
+    """The journal of accepted request nonces, beside the database."""
+    return NonceJournal(config.database.with_name(config.database.name + ".nonces"),
+                        window_us=window_us)
 
 
 def _audit_scheduled(audit: AuditLog) -> Callable[[SweepEvent], None]:

@@ -97,16 +97,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             serve(load(Path(args.config)), port_file=args.port_file)
         elif args.command == "init":
             import asyncio
+            import time
 
+            from kms_proxy.app import nonce_journal
             from kms_proxy.store.sqlite import SQLiteStore
 
             config = load(Path(args.config))
+            new_database = not config.database.exists()
 
             async def init() -> None:
                 async with SQLiteStore(config.database):
                     pass
 
             asyncio.run(init())
+            if new_database:
+                # A new database has journaled every nonce it accepted (none): its first
+                # start need not refuse requests dated before it.
+                nonce_journal(config, window_us=config.max_clock_skew * 1_000_000).create(
+                    time.time_ns() // 1000)
             print(f"database ready at {config.database}")
         elif args.command == "audit":
             config = load(Path(args.config))

@@ -30,19 +30,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
-import os
 import re
 import secrets
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 from types import MappingProxyType
 from typing import ClassVar, Final, Protocol
 from urllib.parse import quote, unquote_plus
+
+from kms_proxy.api.nonce_journal import NonceJournal
 
 __all__ = [
     "ACS3_HMAC_SHA256",
@@ -152,9 +151,6 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
 
 
-_NONCE_FORMAT: Final = "kms-proxy-nonces/1"
-
-
 class NonceCache:
     """Remembers recently used ``(access key id, nonce)`` pairs, bounded in memory and time.
 
@@ -196,6 +192,8 @@ class NonceCache:
         self._open: list[str] = []
         self._front = 0
         self._horizon: int | None = None
+        # Where accepted nonces are also written, for the next process (None: memory only).
+        self.journal: NonceJournal | None = None
 
     def __len__(self) -> int:
         return len(self._dates)
@@ -221,6 +219,9 @@ class NonceCache:
         entry = f"{len(access_key_id)}:{access_key_id}{nonce}"
         if entry in self._dates:
             raise SignatureError(SignatureErrorCode.SIGNATURE_NONCE_USED)
+        if self.journal is not None:
+            # First on disk: a request is accepted only once a restart would know it.
+            self.journal.append(entry, dated, (now - _EPOCH) // _MICROSECOND)
         self._add(entry, dated)
 
     def _add(self, entry: str, dated: int) -> None:
@@ -244,58 +245,14 @@ class NonceCache:
         if self._horizon is None or floor > self._horizon:
             self._horizon = floor
 
-    def save(self, path: Path, *, now: datetime) -> int:
-        """Write the live entries for the next process's ``load`` (at a graceful stop),
-        readable by the owner only; returns how many. Nonces are not secrets, but they
-        are request data."""
-        self._purge((now - _EPOCH) // _MICROSECOND)
-        temporary = path.with_name(path.name + ".tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(descriptor, "w", encoding="utf-8") as out:
-            out.write(json.dumps({"format": _NONCE_FORMAT, "horizon": self._horizon}) + "\n")
-            for entry in self._arrival():
-                out.write(json.dumps([entry, self._dates[entry]]) + "\n")
-        os.replace(temporary, path)
-        return len(self._dates)
-
-    def load(self, path: Path, *, now: datetime) -> bool:
-        """Take in what a gracefully stopped process saved and delete the file (a crash
-        later must not reuse it). False when there is none, or it is unreadable: then the
-        caller should ``refuse_before`` its start.
-
-        :raises OSError: if the file exists but cannot be read or removed."""
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return False
-        path.unlink()
-        try:
-            header = json.loads(lines[0])
-            if header.get("format") != _NONCE_FORMAT:
-                return False
-            horizon = header["horizon"]
-            entries = [json.loads(line) for line in lines[1:]]
-            if (horizon is not None and not isinstance(horizon, int)) or not all(
-                    isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
-                    and isinstance(e[1], int) for e in entries):
-                return False
-        except (ValueError, IndexError, KeyError, AttributeError):
-            return False
-        if horizon is not None and (self._horizon is None or horizon > self._horizon):
-            self._horizon = horizon
+    def restore(self, entries: Iterable[tuple[str, int]], *, now: datetime) -> int:
+        """Take in journaled entries (``NonceJournal.load``), oldest first, into an empty
+        cache; returns how many are still live."""
         for entry, dated in entries:
             if entry not in self._dates:
                 self._add(entry, dated)
         self._purge((now - _EPOCH) // _MICROSECOND)
-        return True
-
-    def _arrival(self) -> Iterator[str]:
-        """The entries, oldest first."""
-        chunks = [*self._chunks, self._open]
-        first = True
-        for chunk in chunks:
-            yield from (chunk[self._front:] if first else chunk)
-            first = False
+        return len(self._dates)
 
     def _pop_oldest(self) -> int:
         chunk = self._chunks[0] if self._chunks else self._open
@@ -352,21 +309,23 @@ class RequestVerifier:
         # Signing with a random secret for unknown ids keeps their timing like known ones.
         self._decoy_secret = secrets.token_urlsafe(32)
 
-    def save_nonces(self, path: Path) -> int:
-        """At a graceful stop: keep the used nonces for the next process (``load_nonces``),
-        so that a restart does not reopen the replay window. Returns how many."""
-        return self._nonces.save(path, now=self._clock())
+    @property
+    def window_us(self) -> int:
+        return self._max_skew // _MICROSECOND
 
-    def load_nonces(self, path: Path, *, first_start: bool) -> bool:
-        """At start: take in the nonces the previous process saved. Without them (it
-        stopped without saving) requests dated before this start are refused, since they
-        may have been used already; on a ``first_start`` nothing was ever accepted, so the
-        whole window stays open. Returns whether nonces were loaded."""
-        if self._nonces.load(path, now=self._clock()):
-            return True
-        if not first_start:
+    def use_journal(self, journal: NonceJournal, *, first_start: bool) -> bool:
+        """At start: take in the nonces ``journal`` holds, then journal every accepted one.
+        A journal that holds none, or none that can be trusted, leaves this process unsure
+        which requests were used, so those dated before its start are refused; a
+        ``first_start`` (a new database) never accepted any. Returns whether the journal
+        was loaded."""
+        entries = journal.load()
+        if entries is not None:
+            self._nonces.restore(entries, now=self._clock())
+        elif not first_start:
             self._nonces.refuse_before(self._clock())
-        return False
+        self._nonces.journal = journal
+        return entries is not None
 
     def verify(
         self,

@@ -33,6 +33,7 @@ from multidict import CIMultiDict, MultiDict
 from pytest_aiohttp import AiohttpServer
 from yarl import URL
 
+from kms_proxy.api.nonce_journal import NonceJournal
 from kms_proxy.api.signing import (
     AccessKey,
     NonceCache,
@@ -594,56 +595,77 @@ def test_nonce_cache_is_bounded_and_fails_closed() -> None:
     assert len(cache) == 1
 
 
-def test_nonces_saved_at_a_graceful_stop_are_refused_after_the_restart(
-        tmp_path: Path) -> None:
-    path = tmp_path / "kms.db.nonces"
+def _journal(tmp_path: Path) -> NonceJournal:
+    return NonceJournal(tmp_path / "kms.db.nonces", window_us=WINDOW // timedelta(microseconds=1))
+
+
+def test_journaled_nonces_are_refused_by_the_next_process(tmp_path: Path) -> None:
     before = _SmallChunks(max_size=5, window=WINDOW)
-    for i in range(8):  # Three dropped by size: the horizon goes along.
+    before.journal = _journal(tmp_path)
+    for i in range(8):  # Three dropped by size: the next process drops them too.
         before.remember(("ak", f"n{i}"), when=T0 + timedelta(seconds=i), now=T0)
-    assert before.save(path, now=T0 + timedelta(seconds=9)) == 5
+    # No save and no close: what a crash leaves.
+    [(_, path)] = _journal(tmp_path).segments()
     assert path.stat().st_mode & 0o777 == 0o600
     after = _SmallChunks(max_size=5, window=WINDOW)
-    assert after.load(path, now=T0 + timedelta(seconds=10))
-    assert not path.exists()  # A crash later must not reuse it.
-    assert (len(after), after.horizon) == (5, before.horizon)
+    entries = _journal(tmp_path).load()
+    assert entries is not None and len(entries) == 8
+    assert after.restore(entries, now=T0 + timedelta(seconds=10)) == 5
+    assert after.horizon == before.horizon
     for i in range(3, 8):
         with pytest.raises(SignatureError) as info:
             after.remember(("ak", f"n{i}"), when=T0 + timedelta(seconds=i),
                            now=T0 + timedelta(seconds=11))
         assert info.value.code == SignatureErrorCode.SIGNATURE_NONCE_USED
-    with pytest.raises(SignatureError) as info:  # Dropped before the stop: the horizon.
+    with pytest.raises(SignatureError) as info:  # Dropped by size: the horizon.
         after.remember(("ak", "n1"), when=T0 + timedelta(seconds=1),
                        now=T0 + timedelta(seconds=11))
     assert info.value.code == SignatureErrorCode.TIMESTAMP_EXPIRED
-    # The oldest go first, in the order they arrived before the stop.
-    after.remember(("ak", "new"), when=T0 + timedelta(seconds=12),
-                   now=T0 + timedelta(seconds=12))
-    with pytest.raises(SignatureError) as info:
-        after.remember(("ak", "n3"), when=T0 + timedelta(seconds=3),
-                       now=T0 + timedelta(seconds=12))
-    assert info.value.code == SignatureErrorCode.TIMESTAMP_EXPIRED
 
 
-def test_only_live_nonces_are_saved(tmp_path: Path) -> None:
-    path = tmp_path / "nonces"
+def test_the_journal_keeps_only_segments_that_can_matter(tmp_path: Path) -> None:
+    cache = NonceCache(max_size=100, window=WINDOW)
+    cache.journal = _journal(tmp_path)
+    for minute in range(0, 80, 5):
+        now = T0 + timedelta(minutes=minute)
+        cache.remember(("ak", f"m{minute}"), when=now, now=now)
+    # Segments are one window (15 min) long; only the current one and the two before stay.
+    assert len(_journal(tmp_path).segments()) == 3
+    entries = _journal(tmp_path).load()
+    assert entries is not None
+    assert {e for e, _ in entries} >= {"2:akm75", "2:akm60", "2:akm45"}
+    assert "2:akm0" not in {e for e, _ in entries}
+
+
+def test_odd_nonces_and_a_torn_line_survive_the_journal(tmp_path: Path) -> None:
     cache = NonceCache(max_size=10, window=WINDOW)
-    cache.remember(("ak", "old"), when=T0, now=T0)
-    cache.remember(("ak", "recent"), when=T0 + WINDOW, now=T0 + WINDOW)
-    assert cache.save(path, now=T0 + WINDOW + timedelta(seconds=1)) == 1
-    assert "old" not in path.read_text() and "recent" in path.read_text()
+    cache.journal = _journal(tmp_path)
+    odd = 'new\nline\t tab "quote" \u00e9 \\ back'
+    cache.remember(("ak", odd), when=T0, now=T0)
+    [(_, path)] = _journal(tmp_path).segments()
+    with path.open("ab") as out:
+        out.write(b'123 "torn')  # A crash in the middle of a write.
+    after = NonceCache(max_size=10, window=WINDOW)
+    entries = _journal(tmp_path).load()
+    assert entries is not None and after.restore(entries, now=T0) == 1
+    with pytest.raises(SignatureError):
+        after.remember(("ak", odd), when=T0, now=T0)
 
 
-@pytest.mark.parametrize("content", ["", "not json\n", '{"format": "other"}\n',
-                                     '{"format": "kms-proxy-nonces/1", "horizon": "x"}\n',
-                                     '{"format": "kms-proxy-nonces/1", "horizon": null}\n'
-                                     '["ak", "not an int"]\n'])
-def test_an_unreadable_nonce_file_counts_as_none(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "nonces"
-    path.write_text(content)
-    cache = NonceCache(max_size=10, window=WINDOW)
-    assert not cache.load(path, now=T0)
-    assert not path.exists() and len(cache) == 0
-    assert not cache.load(tmp_path / "missing", now=T0)
+def test_a_journal_that_is_not_private_is_not_trusted(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    assert journal.load() is None  # No segments: nothing was ever journaled here.
+    journal.create(0)
+    assert journal.load() == []
+    [(_, path)] = journal.segments()
+    path.chmod(0o644)
+    assert journal.load() is None
+    path.unlink()
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    target.chmod(0o600)
+    path.symlink_to(target)
+    assert journal.load() is None
 
 
 def test_after_a_stop_without_saving_older_requests_are_refused() -> None:
