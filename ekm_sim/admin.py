@@ -105,7 +105,7 @@ class KeyAdmin:
         the health check's key, or objects a failed change left behind)."""
         if not _KEY_ID.fullmatch(key_id):
             raise AdminError("a key id is 1-128 characters of [A-Za-z0-9._-]")
-        with self._registry.exclusive() as records:
+        async with self._registry.changing() as records:
             if key_id in records:
                 raise AdminError(f"key {key_id!r} exists already")
             if await self._in_token(key_id):
@@ -133,13 +133,15 @@ class KeyAdmin:
         """
         # One change at a time across processes: the next version is decided, made in the
         # token and recorded under one lock.
-        with self._registry.exclusive() as records:
+        async with self._registry.changing() as records:
             record = _require(records, key_id)
             usage = await self.usage(key_id, record.current_version)
             version = record.current_version + 1
             await self._generate(key_id, version, usage)
             with self._registry.edit() as editing:
                 current = editing[key_id]
+                if version in current.versions:  # Cannot happen under the lock; never write it.
+                    raise AdminError(f"key {key_id!r} has a version {version} already")
                 editing[key_id] = record = KeyRecord(
                     key_id=key_id, enabled=current.enabled,
                     versions=(*current.versions, version), created=current.created)
@@ -164,7 +166,7 @@ class KeyAdmin:
             ctx.forget_keys()
             return len(objects)
 
-        with self._registry.exclusive() as records:
+        async with self._registry.changing() as records:
             _require(records, key_id)
             with self._registry.edit() as editing:
                 del editing[key_id]

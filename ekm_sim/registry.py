@@ -10,12 +10,15 @@ server notices the change within ``refresh_seconds`` without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
+import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any
@@ -75,8 +78,9 @@ class KeyRegistry:
         self._checked_at = float("-inf")
         self._stamp: tuple[int, int] | None = None
         self._records: dict[str, KeyRecord] = {}
-        # The open lock file while this process holds the registry (``exclusive``).
+        # The open lock file while this process holds the registry, and who holds it.
         self._held: IO[str] | None = None
+        self._owner: tuple[int, int] | None = None
 
     def records(self) -> Mapping[str, KeyRecord]:
         """The current records; re-reads the file at most once per refresh interval."""
@@ -96,26 +100,45 @@ class KeyRegistry:
         self._checked_at = float("-inf")
         return self.records()
 
+    def _lock_file(self) -> IO[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.path.with_suffix(self.path.suffix + ".lock"), "a+")
+
+    def _current(self) -> dict[str, KeyRecord]:
+        return _read(self.path) if self.path.exists() else {}
+
     @contextmanager
     def exclusive(self) -> Iterator[Mapping[str, KeyRecord]]:
-        """Hold the registry against every other writer (process) for a whole change:
-        read, change the token, then ``edit``. Yields the records as they are now.
+        """Hold the registry against every other writer (process) for a change, blocking
+        until it is free; re-entered by its holder (``edit`` inside ``changing``). Yields
+        the records as they are now. Async callers use ``changing``."""
+        if self._held is not None and self._owner == _caller():
+            yield self._current()
+            return
+        with self._lock_file() as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._held, self._owner = lock, _caller()
+            try:
+                yield self._current()
+            finally:
+                self._held = self._owner = None
+
+    @asynccontextmanager
+    async def changing(self) -> AsyncIterator[Mapping[str, KeyRecord]]:
+        """``exclusive`` for a whole change made by async code (read, change the token,
+        then ``edit``): other tasks of this process wait their turn without blocking the
+        event loop, and the file lock (other processes) is awaited off the loop.
 
         Without it two ``keys rotate`` could both pick version N+1 and make two token
-        objects for it, which breaks the key.
-        """
-        if self._held is not None:
-            yield _read(self.path) if self.path.exists() else {}
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_suffix(self.path.suffix + ".lock")
-        with open(lock_path, "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._held = lock
-            try:
-                yield _read(self.path) if self.path.exists() else {}
-            finally:
-                self._held = None
+        objects for it, which breaks the key."""
+        async with _process_lock(self.path):
+            with self._lock_file() as lock:
+                await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+                self._held, self._owner = lock, _caller()
+                try:
+                    yield self._current()
+                finally:
+                    self._held = self._owner = None
 
     def _reload_if_changed(self) -> None:
         try:
@@ -153,6 +176,27 @@ class KeyRegistry:
                 raise RegistryError(f"no key {key_id!r}")
             records[key_id] = record = replace(record, enabled=enabled)
         return record
+
+
+# One lock per registry file for the tasks of each event loop of this process
+# (``changing``); the file lock alone would make a second task block the loop its holder
+# needs. Per loop, as an asyncio.Lock belongs to one.
+_PROCESS_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _process_lock(path: Path) -> asyncio.Lock:
+    locks = _PROCESS_LOCKS.setdefault(asyncio.get_running_loop(), {})
+    return locks.setdefault(path.resolve(), asyncio.Lock())
+
+
+def _caller() -> tuple[int, int]:
+    """This thread and task: who may re-enter a held registry."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return threading.get_ident(), id(task) if task is not None else 0
 
 
 def _read(path: Path) -> dict[str, KeyRecord]:

@@ -688,6 +688,8 @@ class KeyService:
                          source_context: Mapping[str, str] | None,
                          destination_context: Mapping[str, str] | None) -> CryptoResult:
         opened = await self._open(principal, blob, source_context, Op.RE_ENCRYPT)
+        # The call's key is the destination: a failure to find it must not name the source.
+        RESOLVED_KEY.set(None)
         key = await self._symmetric(principal, destination_ref, Op.RE_ENCRYPT)
         return await self._seal(principal, Op.RE_ENCRYPT, key, opened.plaintext,
                                 destination_context)

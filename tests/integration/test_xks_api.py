@@ -10,6 +10,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -19,7 +20,7 @@ from ekm_sim.config import Config, HealthConfig, LimitsConfig
 from ekm_sim.keystore import KeyStore
 from ekm_sim.registry import KeyRegistry
 from shared import serving
-from shared.pkcs11pool import PKCS11Pool
+from shared.pkcs11pool import DispatchMode, PKCS11Pool
 from shared.sigv4 import Credential
 from shared.tls import client_context
 from tests.conftest import CRED_A, CRED_B, PREFIX, Sim, StartSim, TLSFiles, metadata, store
@@ -235,6 +236,18 @@ async def test_a_version_made_by_another_worker_decrypts_at_once(sim: Sim) -> No
         "authenticationTag": b64(sealed.tag),
         "ciphertextMetadata": b64(sealed.ciphertext_metadata)})
     assert (status, body) == (200, {"plaintext": b64(b"made elsewhere")})
+
+
+async def test_concurrent_rotations_in_one_process_each_add_a_version(sim: Sim) -> None:
+    """One lock for a whole change, also between tasks of one process (each with its own
+    registry object): three rotations give three new versions, not one twice."""
+    # Token calls in worker threads, so each rotation really waits in the middle.
+    threads = replace(sim.config.hsm, mode=DispatchMode.THREADS)
+    async with PKCS11Pool(threads.pool()) as pool:
+        records = await asyncio.gather(*(
+            KeyAdmin(pool, KeyRegistry(sim.config.registry)).rotate("foo") for _ in range(3)))
+        assert sorted(r.current_version for r in records) == [2, 3, 4]
+        assert KeyRegistry(sim.config.registry).reload()["foo"].versions == (1, 2, 3, 4)
 
 
 async def test_disabled_key(sim: Sim) -> None:

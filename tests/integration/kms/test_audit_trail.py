@@ -122,6 +122,12 @@ async def run_traffic(kms: Kms) -> tuple[list[Expected], list[str]]:
                   {"KeyId": f"acs:kms:{REGION}:{ACCOUNT_A}:key/{key_id}"},
                   403, "Forbidden.NoPermission", f"acs:kms:{REGION}:{ACCOUNT_A}:key/{key_id}",
                   resolved=False)
+    # ReEncrypt's key is its destination: one that is not found is named as given, not
+    # replaced by the source key the blob named.
+    await failing(alice, "a1", "ReEncrypt", {"CiphertextBlob": sealed.ciphertext_blob,
+                                             "SourceEncryptionContext": json.dumps(CONTEXT),
+                                             "DestinationKeyId": "alias/missing"},
+                  404, "Forbidden.AliasNotFound", "alias/missing", resolved=False)
     # Named by alias and by ARN, the lines name the key itself.
     version = await kms.sdk(alice, "create_key_version", models.CreateKeyVersionRequest(
         key_id="alias/audited"))
