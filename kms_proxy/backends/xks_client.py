@@ -103,6 +103,7 @@ SERVICE: Final = "kms-xks-proxy"
 EXTERNAL_KEY_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _URI_PREFIX: Final = re.compile(r"[A-Za-z0-9/_-]{0,128}")
 _MAX_ATTEMPTS: Final = 2
+MAX_RESPONSE_BYTES: Final = 1 << 20
 # A refused connect is retried after this pause (a listener restarting, a load balancer
 # swapping targets); a stale pooled connection is retried at once.
 _CONNECT_RETRY_PAUSE: Final = 0.02
@@ -427,12 +428,35 @@ class XKSClient:
         try:
             async with self._session.post(url, data=data, headers=headers, ssl=self._ssl,
                                           allow_redirects=False) as response:
-                return response.status, await response.read()
+                return response.status, await _bounded_body(response)
         finally:
             _ATTEMPT.reset(token)
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+async def _bounded_body(response: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, refused past ``MAX_RESPONSE_BYTES``: an XKS answer is small (a
+    4 KiB plaintext is under 6 KiB of JSON), and a proxy that sends megabytes within the
+    budget must not make the front hold them.
+
+    :raises XKSInvalidResponse:
+    """
+    declared = response.content_length
+    if declared is not None and declared <= MAX_RESPONSE_BYTES:
+        return await response.read()  # aiohttp reads no more than it declared.
+    if declared is not None:
+        raise XKSInvalidResponse(f"the XKS proxy's answer declares {declared} bytes, over "
+                                 f"the {MAX_RESPONSE_BYTES} this client reads")
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise XKSInvalidResponse(f"the XKS proxy's answer exceeds the "
+                                     f"{MAX_RESPONSE_BYTES} bytes this client reads")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _key_path(external_key_id: str) -> str:

@@ -5,6 +5,7 @@ for an EKM that hangs, stops and comes back."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from kms_proxy.backends.external import (
     unpack_sealed,
 )
 from kms_proxy.backends.xks_client import (
+    MAX_RESPONSE_BYTES,
     UnavailableKind,
     XKSClient,
     XKSConnection,
@@ -469,6 +471,41 @@ async def test_bad_encrypt_responses_are_refused(fake_proxy: FakeProxy, tls_file
         with pytest.raises(DependencyUnavailable, match="invalid response"):
             await ExternalBackend(c).seal(version(), KeySpec.AES_256, b"data", b"",
                                           call=call())
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_an_answer_over_a_mebibyte_is_refused(tls_files: TLSFiles,
+                                                    framing: str) -> None:
+    """A proxy that sends megabytes within the budget must not make the front hold them."""
+    huge = b'{"ciphertext": "' + b"A" * (2 << 20) + b'"}'
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if framing == "content-length":
+            return web.Response(body=huge, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(huge), 256 << 10):
+            await response.write(huge[start:start + (256 << 10)])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server(ssl=server_context(
+        cert=tls_files.server_cert, key=tls_files.server_key, client_ca=tls_files.ca,
+        require_client_cert=True))
+    try:
+        budget = dataclasses.replace(connection(f"https://127.0.0.1:{server.port}",
+                                                tls_files), timeout=5)
+        async with XKSClient(budget) as c:
+            request = EncryptRequest(metadata=RequestMetadata("r", "Encrypt", PRINCIPAL,
+                                                              KEY_ARN), plaintext=b"data")
+            with pytest.raises(XKSInvalidResponse, match=str(MAX_RESPONSE_BYTES)):
+                await c.encrypt("foo", request)
+    finally:
+        await server.close()
 
 
 # -- keep-alive connections the proxy drops ------------------------------------------------
