@@ -133,7 +133,7 @@ class XKSError(Exception):
             name = ErrorName(data["errorName"])
             message = data.get("errorMessage", "")
             return cls(name, message if isinstance(message, str) else "")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return cls(ErrorName.INTERNAL, f"unreadable error response with HTTP {status}")
 
 
@@ -449,12 +449,17 @@ def parse_health_response(body: object) -> HealthResponse:
     data = _object(body)
     try:
         fleet = tuple(
-            FleetEntry(id=str(entry["id"]), model=str(entry["model"]),
+            FleetEntry(id=_text(entry["id"]), model=_text(entry["model"]),
                        health_status=HealthStatus(entry["healthStatus"]))
             for entry in data["ekmFleetDetails"])
+        size = data["xksProxyFleetSize"]
+        # A positive integer (spec: the number of proxy instances); JSON's 2.0, "3", true
+        # or Infinity are not.
+        if type(size) is not int or size < 1:
+            raise ValueError(size)
         response = HealthResponse(
-            fleet_size=int(data["xksProxyFleetSize"]), proxy_vendor=str(data["xksProxyVendor"]),
-            proxy_model=str(data["xksProxyModel"]), ekm_vendor=str(data["ekmVendor"]),
+            fleet_size=size, proxy_vendor=_text(data["xksProxyVendor"]),
+            proxy_model=_text(data["xksProxyModel"]), ekm_vendor=_text(data["ekmVendor"]),
             ekm_fleet=fleet)
     except (KeyError, TypeError, ValueError):
         raise _invalid("GetHealthStatus response lacks a required field or has a wrong "
@@ -462,6 +467,13 @@ def parse_health_response(body: object) -> HealthResponse:
     if not 1 <= len(fleet) <= 10:
         raise _invalid("ekmFleetDetails must have 1 to 10 entries")
     return response
+
+
+def _text(value: object) -> str:
+    """A short string field of a proxy's answer. :raises ValueError: if it is not one."""
+    if not isinstance(value, str) or len(value) > 1024:
+        raise ValueError("not a string of at most 1024 characters")
+    return value
 
 
 def bind_aad(aad: bytes | None, ctm: bytes | None) -> bytes:

@@ -204,17 +204,25 @@ def _metadata(call: CallInfo, *, with_key_arn: bool = True) -> RequestMetadata:
                            kms_key_arn=call.key_arn if with_key_arn else None)
 
 
+def _shown(value: str) -> str:
+    """The EKM's text as an API caller may see it: printable ASCII, at most 64 characters
+    (a proxy's answer is not trusted to be either)."""
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in value[:64])
+    return cleaned + ("..." if len(value) > 64 else "")
+
+
 def _metadata_problems(meta: KeyMetadataResponse) -> list[str]:
     """Why an external key cannot back a KMS key (XKS section 4.2: what AWS KMS checks)."""
     problems = []
     if meta.key_spec != "AES_256":
-        problems.append(f"its key spec is {meta.key_spec}, not AES_256")
+        problems.append(f"its key spec is {_shown(meta.key_spec)}, not AES_256")
     missing = [u for u in ("ENCRYPT", "DECRYPT") if u not in meta.key_usage]
     if missing:
-        problems.append(f"its key usage lacks {' and '.join(missing)} "
-                        f"(it has {', '.join(meta.key_usage) or 'none'})")
+        usage = ", ".join(_shown(u) for u in meta.key_usage[:8]) or "none"
+        problems.append(f"its key usage lacks {' and '.join(missing)} (it has {usage})")
     if meta.key_status != "ENABLED":
-        problems.append(f"it is {meta.key_status} in the external key manager, not ENABLED")
+        problems.append(f"it is {_shown(meta.key_status)} in the external key manager, "
+                        "not ENABLED")
     return problems
 
 
@@ -453,7 +461,13 @@ class HealthProbe:
                 self._set(ConnectionState.DISCONNECTED, "health probe failed unexpectedly")
 
     async def __aenter__(self) -> HealthProbe:
-        await self.check()
+        try:
+            await self.check()
+        except Exception:
+            # One instance's EKM, however broken its answer, must not stop the front from
+            # starting (software and hardware keys do not need it).
+            log.exception("first health probe failed unexpectedly")
+            self._set(ConnectionState.DISCONNECTED, "health probe failed unexpectedly")
         self._task = asyncio.create_task(self._run(), name="xks-health-probe")
         return self
 

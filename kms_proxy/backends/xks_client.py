@@ -235,16 +235,25 @@ class _PoolConnector(aiohttp.TCPConnector):
 
     async def connect(self, req: ClientRequest, traces: list[Trace],
                       timeout: aiohttp.ClientTimeout) -> Connection:  # noqa: ASYNC109 (aiohttp's)
-        connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        if protocol is not None:
-            attempt = _ATTEMPT.get()
-            if protocol in self._handed_out:
-                if attempt is not None:
-                    attempt.reused = True
-            else:
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            if protocol is None:
+                return connection
+            if protocol not in self._handed_out:
                 self._handed_out.add(protocol)
-        return connection
+                return connection
+            if protocol.should_close:
+                # Bytes arrived while it sat in the pool (an answer sent twice, an idle
+                # 408): they would be read as this request's answer, another caller's
+                # plaintext perhaps. Such a connection is closed, never reused.
+                log.warning("XKS proxy sent data on an idle connection; closing it")
+                connection.close()
+                continue
+            attempt = _ATTEMPT.get()
+            if attempt is not None:
+                attempt.reused = True
+            return connection
 
 
 class XKSClient:
@@ -287,7 +296,10 @@ class XKSClient:
             timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_read=None,
                                           sock_connect=None),
             # Never read proxy settings or netrc from the environment after startup.
-            trust_env=False, raise_for_status=False)
+            trust_env=False, raise_for_status=False,
+            # XKS answers are small JSON: no compression asked for, none undone. A
+            # compressed answer would get past the size cap (a 1 MB gzip of 1 GB).
+            auto_decompress=False, skip_auto_headers=("Accept-Encoding",))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -403,7 +415,7 @@ class XKSClient:
             if status == 200:
                 try:
                     return json.loads(body)
-                except (ValueError, UnicodeDecodeError):
+                except (ValueError, RecursionError):
                     raise XKSInvalidResponse("the XKS proxy answered 200 with a body that "
                                              "is not JSON") from None
             error = XKSError.from_body(status, body)
@@ -443,6 +455,9 @@ async def _bounded_body(response: aiohttp.ClientResponse) -> bytes:
 
     :raises XKSInvalidResponse:
     """
+    if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise XKSInvalidResponse("the XKS proxy answered with a Content-Encoding this client "
+                                 "did not ask for")
     declared = response.content_length
     if declared is not None and declared <= MAX_RESPONSE_BYTES:
         return await response.read()  # aiohttp reads no more than it declared.
@@ -512,7 +527,8 @@ def _ssl_reason(exc: BaseException) -> str:
     cause = _ssl_cause(exc)
     if cause is None:
         return type(exc).__name__
-    return str(cause.reason or cause.strerror or type(cause).__name__)
+    return str(getattr(cause, "reason", None) or getattr(cause, "strerror", None)
+               or type(cause).__name__)
 
 
 T = TypeVar("T")

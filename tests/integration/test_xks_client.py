@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
@@ -743,3 +744,121 @@ async def test_health_probe_reports_every_ekm_unavailable(
         probe = HealthProbe(c, interval=60)
         assert await probe.check() is ConnectionState.DISCONNECTED
         assert probe.last_error is not None and "UNAVAILABLE" in probe.last_error
+
+
+# -- a proxy that misbehaves ---------------------------------------------------------------
+
+
+async def _raw_proxy(tls_files: TLSFiles, answer: Callable[[int], bytes], *,
+                     repeat_after: float | None = None
+                     ) -> tuple[asyncio.Server, str, list[int]]:
+    """A raw TLS HTTP/1.1 server: the n-th request gets ``answer(n)`` (a whole response);
+    with ``repeat_after`` it sends that response again on the idle connection later."""
+    ctx = server_context(cert=tls_files.server_cert, key=tls_files.server_key,
+                         client_ca=tls_files.ca, require_client_cert=True)
+    served: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                served.append(len(served) + 1)
+                response = answer(served[-1])
+                writer.write(response)
+                await writer.drain()
+                if repeat_after is not None:
+                    await asyncio.sleep(repeat_after)
+                    writer.write(response)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"https://127.0.0.1:{port}", served
+
+
+def _health_answer(fleet_size: object, *, extra_headers: bytes = b"",
+                   body: bytes | None = None) -> bytes:
+    if body is None:
+        body = json.dumps({"xksProxyFleetSize": fleet_size, "xksProxyVendor": "v",
+                           "xksProxyModel": "m", "ekmVendor": "e", "ekmFleetDetails": [
+                               {"id": "h1", "model": "m", "healthStatus": "ACTIVE"}]}).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra_headers
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def test_an_answer_sent_twice_never_becomes_the_next_callers(tls_files: TLSFiles) -> None:
+    """The proxy repeats its answer on the idle keep-alive connection: the next call must
+    not read it as its own (it could be another caller's plaintext)."""
+    server, url, served = await _raw_proxy(tls_files, lambda n: _health_answer(n),
+                                           repeat_after=0.02)
+    try:
+        async with XKSClient(connection(url, tls_files)) as c:
+            assert (await c.health()).fleet_size == 1
+            await asyncio.sleep(0.1)  # The repeat arrives while the connection is idle.
+            assert (await c.health()).fleet_size == 2
+    finally:
+        server.close()
+    assert served == [1, 2]
+
+
+@pytest.mark.parametrize("case", ["gzip", "nested", "infinity", "fleet-0", "fleet-text"])
+async def test_answers_that_break_the_protocol_are_invalid_not_crashes(
+        tls_files: TLSFiles, case: str) -> None:
+    answers = {
+        "gzip": _health_answer(None, extra_headers=b"Content-Encoding: gzip\r\n",
+                               body=gzip.compress(_health_answer(1).split(b"\r\n\r\n")[1])),
+        "nested": _health_answer(None, body=b"[" * 100_000 + b"]" * 100_000),
+        "infinity": _health_answer(None, body=_health_answer(1).split(b"\r\n\r\n")[1]
+                                   .replace(b'"xksProxyFleetSize": 1',
+                                            b'"xksProxyFleetSize": Infinity')),
+        "fleet-0": _health_answer(0),
+        "fleet-text": _health_answer("3"),
+    }
+    server, url, _ = await _raw_proxy(tls_files, lambda n: answers[case])
+    try:
+        async with XKSClient(connection(url, tls_files)) as c:
+            with pytest.raises(XKSInvalidResponse):
+                await c.health()
+            probe = HealthProbe(c, interval=60)
+            async with probe:
+                assert probe.status is ConnectionState.DISCONNECTED
+    finally:
+        server.close()
+
+
+async def test_a_plain_http_endpoint_is_a_typed_tls_failure(tls_files: TLSFiles) -> None:
+    app = web.Application()
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()  # No TLS.
+    try:
+        async with XKSClient(connection(f"https://127.0.0.1:{server.port}", tls_files)) as c:
+            with pytest.raises(XKSUnavailable) as caught:
+                await c.health()
+            assert caught.value.kind in (UnavailableKind.TLS, UnavailableKind.CONNECTION_LOST)
+    finally:
+        await server.close()
+
+
+async def test_the_proxys_text_reaches_callers_bounded_and_printable(
+        tls_files: TLSFiles) -> None:
+    odd = "AES\r\n\x1b[31mINJECTED" + "x" * 3000
+    body = json.dumps({"keySpec": odd, "keyUsage": ["ENCRYPT", "DECRYPT"],
+                       "keyStatus": "ENABLED"}).encode()
+    server, url, _ = await _raw_proxy(tls_files, lambda n: _health_answer(None, body=body))
+    try:
+        async with XKSClient(connection(url, tls_files)) as c:
+            with pytest.raises(InvalidParameter) as caught:
+                await ExternalBackend(c).generate(version_id="v", spec=KeySpec.AES_256,
+                                                  external_key_id="foo", call=call())
+    finally:
+        server.close()
+    message = str(caught.value)
+    assert all(" " <= ch <= "~" for ch in message), message
+    assert len(message) < 400 and "INJECTED" in message
