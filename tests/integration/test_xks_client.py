@@ -862,3 +862,68 @@ async def test_the_proxys_text_reaches_callers_bounded_and_printable(
     message = str(caught.value)
     assert all(" " <= ch <= "~" for ch in message), message
     assert len(message) < 400 and "INJECTED" in message
+
+
+async def test_a_connection_whose_caller_gave_up_still_joins_the_pool(
+        tls_files: TLSFiles) -> None:
+    """The handshake outlasts the first caller's budget (the server accepts late); the
+    connection is finished anyway and the next call uses it, so a stall under load does
+    not leave the pool empty."""
+    ctx = server_context(cert=tls_files.server_cert, key=tls_files.server_key,
+                         client_ca=tls_files.ca, require_client_cert=True)
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                writer.write(_health_answer(1))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    # Listening but not accepting yet: the kernel completes TCP and keeps the ClientHello.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    loop = asyncio.get_running_loop()
+    accepted = 0
+    serving: list[asyncio.Future[None]] = []
+
+    async def accept_all() -> None:
+        nonlocal accepted
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            accepted += 1
+            reader = asyncio.StreamReader()
+            protocol = asyncio.StreamReaderProtocol(reader)
+            try:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda made=protocol: made, sock, ssl=ctx)
+            except (ssl.SSLError, ConnectionError, OSError):
+                continue  # A client that left in the middle of its handshake.
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            serving.append(asyncio.ensure_future(serve(reader, writer)))
+
+    acceptor: asyncio.Task[None] | None = None
+    try:
+        async with XKSClient(connection(url, tls_files, timeout=0.25)) as c:
+            with pytest.raises(XKSUnavailable):
+                await c.health()
+            # Accepting now completes the handshake the first caller gave up on.
+            acceptor = asyncio.ensure_future(accept_all())
+            await asyncio.sleep(0.3)
+            assert (await c.health()).fleet_size == 1
+    finally:
+        for task in (acceptor, *serving):
+            if task is not None:
+                task.cancel()
+        listener.close()
+    assert (accepted, connections) == (1, 1)
