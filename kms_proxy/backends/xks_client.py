@@ -21,6 +21,11 @@ Transport choices, each for a reason:
 * **Budget**: every call runs under ``asyncio.timeout(connection.timeout)`` (default
   0.25 s), covering queueing for a connection, connect, TLS, the request, the response and
   any retry. aiohttp's own timeouts are switched off so that there is exactly one clock.
+* **Connections outlive impatient callers**: one being set up when its caller's budget
+  runs out is finished and pooled, so a short stall under load does not empty the pool;
+  and one that received bytes while idle in the pool is closed, never handed out.
+* **Answers are bounded**: at most 1 MiB, never compressed (no ``Accept-Encoding``; an
+  encoded answer is refused).
 * **Retries only where nothing can have been executed twice**, and only inside the budget:
   a connect that failed (refused, reset, DNS) before a byte was sent; a keep-alive
   connection taken from the pool that the server had already closed (RFC 9112 section
