@@ -6,7 +6,9 @@ each test gets its own token label inside it.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import shutil
 import ssl
@@ -267,3 +269,37 @@ async def sim(start_sim: StartSim, make_config: Callable[..., Config]) -> Sim:
 @pytest.fixture
 def threads_mode(hsm_config: HSMConfig) -> Iterator[HSMConfig]:
     yield replace(hsm_config, mode=DispatchMode.THREADS, workers=2)
+
+
+async def leave_mid_body(host: str, port: int, context: ssl.SSLContext, head: bytes,
+                         caplog: pytest.LogCaptureFixture) -> None:
+    """Send ``head`` (a request's headers and the start of its body), close the connection,
+    and wait until the server has logged that the client left; it must log no error."""
+    caplog.set_level(logging.INFO)
+    _, writer = await asyncio.open_connection(host, port, ssl=context)
+    writer.write(head)
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    for _ in range(50):
+        if any("disconnected" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.05)
+    assert any("disconnected" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def stall_mid_body(host: str, port: int, context: ssl.SSLContext,
+                         head: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Send ``head`` (headers and the start of a body), then nothing: the server's answer
+    (it must come), as the status line and the JSON body."""
+    reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    try:
+        writer.write(head)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), timeout=5)
+    finally:
+        writer.close()
+    status_head, _, body = answer.partition(b"\r\n\r\n")
+    parsed: dict[str, Any] = json.loads(body)
+    return status_head, parsed

@@ -516,6 +516,14 @@ _HEALTH = json.dumps({"xksProxyFleetSize": 1, "xksProxyVendor": "v", "xksProxyMo
                           {"id": "h1", "model": "m", "healthStatus": "ACTIVE"}]}).encode()
 
 
+async def _read_request(reader: asyncio.StreamReader) -> None:
+    """Read one HTTP/1.1 request with a Content-Length body (what the client sends)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    await reader.readexactly(length)
+
+
 class _DroppingProxy:
     """A raw TLS HTTP/1.1 server that answers at most ``answers`` requests per connection and
     then closes the connection when the next request arrives, without answering it: what a
@@ -531,10 +539,7 @@ class _DroppingProxy:
         answered = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                await reader.readexactly(length)
+                await _read_request(reader)
                 self.requests += 1
                 if answered == self.answers:
                     break
@@ -761,10 +766,7 @@ async def _raw_proxy(tls_files: TLSFiles, answer: Callable[[int], bytes], *,
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                await reader.readexactly(length)
+                await _read_request(reader)
                 served.append(len(served) + 1)
                 response = answer(served[-1])
                 writer.write(response)
@@ -878,10 +880,7 @@ async def test_a_connection_whose_caller_gave_up_still_joins_the_pool(
         connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                await reader.readexactly(length)
+                await _read_request(reader)
                 writer.write(_health_answer(1))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from hypothesis import strategies as st
 
 from shared import serving
 from shared.tls import client_context
+from tests.conftest import leave_mid_body, stall_mid_body
 from tests.integration.kms.conftest import (
     ACCOUNT_A,
     AK_A1,
@@ -681,35 +681,19 @@ async def test_region_in_arn_is_respected(kms: Kms, client: Client, world: World
 
 async def test_a_client_that_leaves_mid_body_is_not_an_internal_error(
         kms: Kms, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO)
-    context = client_context(ca=kms.tls.ca)
-    _, writer = await asyncio.open_connection("127.0.0.1", kms.port, ssl=context)
-    writer.write(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                 b"application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nAction=")
-    await writer.drain()
-    await asyncio.sleep(0.2)
-    writer.close()
-    for _ in range(50):
-        if any("disconnected" in r.getMessage() for r in caplog.records):
-            break
-        await asyncio.sleep(0.05)
-    assert any("disconnected" in r.getMessage() for r in caplog.records)
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await leave_mid_body("127.0.0.1", kms.port, client_context(ca=kms.tls.ca),
+                         b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n"
+                         b"Action=", caplog)
     assert kms.counts() == {"keys": 0, "key_versions": 0, "aliases": 0, "tags": 0}
 
 
 async def test_a_body_that_stops_arriving_is_refused_in_time(
         kms: Kms, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serving, "body_timeout_s", 0.3)
-    reader, writer = await asyncio.open_connection("127.0.0.1", kms.port,
-                                                   ssl=client_context(ca=kms.tls.ca))
-    try:
-        writer.write(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                     b"application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nAc")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(65536), timeout=5)
-    finally:
-        writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
+    head, body = await stall_mid_body(
+        "127.0.0.1", kms.port, client_context(ca=kms.tls.ca),
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+        b"application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nAc")
     assert head.startswith(b"HTTP/1.1 400")
-    assert json.loads(body)["Code"] == "InvalidParameter"
+    assert body["Code"] == "InvalidParameter"
