@@ -100,7 +100,7 @@ async def _envelope(request: web.Request, handler: Handler) -> web.StreamRespons
     request_id = request[REQUEST_ID] = str(uuid.uuid4()).upper()
     # The core reads it when it tells a backend (an external key manager) who calls.
     REQUEST_ID_VAR.set(request_id)
-    # Requests on one keep-alive connection share a task and its context: start clean.
+    # Whatever context this request's task started from, no earlier request's key counts.
     RESOLVED_KEY.set(None)
     started = time.perf_counter()
     try:

@@ -237,9 +237,9 @@ class NonceCache:
 
     def refuse_before(self, moment: datetime) -> None:
         """Refuse requests dated in a second before ``moment``'s: their nonces may have
-        been used where this cache could not see (a process that stopped without saving
-        its cache). ``moment``'s own second stays open, since dates have whole seconds
-        and a client signing right after ``moment`` must pass."""
+        been used where this cache could not see (an earlier process whose journal is
+        gone or not trusted). ``moment``'s own second stays open, since dates have whole
+        seconds and a client signing right after ``moment`` must pass."""
         at = (moment - _EPOCH) // _MICROSECOND
         floor = at - at % 1_000_000 - 1
         if self._horizon is None or floor > self._horizon:
