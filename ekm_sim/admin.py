@@ -148,10 +148,13 @@ class KeyAdmin:
         return record
 
     async def set_enabled(self, key_id: str, enabled: bool) -> KeyRecord:
-        try:
-            return self._registry.set_enabled(key_id, enabled)
-        except RegistryError as exc:
-            raise AdminError(str(exc)) from None
+        # Through ``changing`` like every admin change: the registry's own (blocking) lock
+        # is then re-entered, never waited for on the event loop.
+        async with self._registry.changing():
+            try:
+                return self._registry.set_enabled(key_id, enabled)
+            except RegistryError as exc:
+                raise AdminError(str(exc)) from None
 
     async def delete(self, key_id: str) -> int:
         """Destroy every version of a key in the token; returns how many objects went.
