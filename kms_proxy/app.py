@@ -35,7 +35,7 @@ from kms_proxy.backends.external import ExternalBackend, HealthProbe
 from kms_proxy.backends.hsm import HSMBackend
 from kms_proxy.backends.software import SoftwareBackend
 from kms_proxy.backends.xks_client import XKSClient, XKSConnection
-from kms_proxy.config import Config, HSMTokenConfig, XKIConfig
+from kms_proxy.config import Config, ConfigError, HSMTokenConfig, XKIConfig
 from kms_proxy.core.audit import AuditEvent, AuditLog, Outcome
 from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
 from kms_proxy.core.calls import RESOLVED_KEY
@@ -168,10 +168,14 @@ async def _parameters(request: web.Request) -> tuple[dict[str, str], dict[str, s
 def _authenticate(request: web.Request, query: dict[str, str], form: dict[str, str],
                   body: bytes) -> Principal:
     """An AccessKey user (ACS3 or legacy signature) or a cloud service (bearer JWT)."""
-    authorization = request.headers.get("Authorization", "")
-    if authorization.startswith("Bearer "):
+    authorization = request.headers.getall("Authorization", [])
+    scheme, _, token = (authorization[0].strip() if authorization else "").partition(" ")
+    if scheme.lower() == "bearer":  # An auth scheme is case-insensitive (RFC 9110 11.1).
+        if len(authorization) != 1:
+            raise ApiError("IncompleteSignature", 400,
+                           "Exactly one Authorization header is required.")
         try:
-            claims = request.app[TOKENS].verify(authorization[len("Bearer "):].strip())
+            claims = request.app[TOKENS].verify(token.strip())
         except TokenError as exc:
             raise ApiError(exc.code, exc.status, exc.message) from None
         if claims.account_id not in request.app[ACCOUNT_IDS]:
@@ -236,6 +240,20 @@ def _audit(request: web.Request, action: str, principal: Principal, outcome: Out
         details=details))
 
 
+def _trusted_issuers(config: Config) -> list[TrustedIssuer]:
+    """The issuers' key files read and checked; a bad one is a configuration error."""
+    issuers = []
+    for n, i in enumerate(config.trusted_issuers):
+        try:
+            issuers.append(TrustedIssuer.from_files(
+                issuer=i.issuer, audience=i.audience, algorithms=i.algorithms,
+                jwks_file=i.jwks_file, pem_file=i.pem_file, max_lifetime_s=i.max_lifetime_s,
+                products=i.products))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"trusted_issuers[{n}]: {exc}") from None
+    return issuers
+
+
 async def rpc(request: web.Request) -> web.Response:
     """Every OpenAPI action."""
     request_id = request[REQUEST_ID]
@@ -296,11 +314,7 @@ def create_app(config: Config) -> web.Application:
         [AccessKey(id=k.id, secret=k.secret, account_id=a.id, user=k.user)
          for a in config.accounts for k in a.access_keys],
         max_skew=timedelta(seconds=config.max_clock_skew))
-    app[TOKENS] = TokenVerifier([
-        TrustedIssuer.from_files(issuer=i.issuer, audience=i.audience,
-                                 algorithms=i.algorithms, jwks_file=i.jwks_file,
-                                 pem_file=i.pem_file)
-        for i in config.trusted_issuers])
+    app[TOKENS] = TokenVerifier(_trusted_issuers(config))
     app[ACCOUNT_IDS] = frozenset(a.id for a in config.accounts)
 
     async def resources(app: web.Application) -> Any:

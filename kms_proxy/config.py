@@ -113,6 +113,10 @@ class IssuerConfig:
     algorithms: tuple[str, ...]
     jwks_file: Path | None = None
     pem_file: Path | None = None
+    # The longest token lifetime (exp - iat) accepted from this issuer.
+    max_lifetime_s: int = 24 * 3600
+    # The products it may speak for (None: any).
+    products: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +206,13 @@ def _issuers(root: TableReader) -> tuple[IssuerConfig, ...]:
         issuer = IssuerConfig(issuer=r.get("issuer", str, required=True),
                               audience=r.get("audience", str, "kms-proxy"),
                               algorithms=r.strings("algorithms", ("ES256", "RS256")),
-                              jwks_file=r.path("jwks_file"), pem_file=r.path("pem_file"))
+                              jwks_file=r.path("jwks_file"), pem_file=r.path("pem_file"),
+                              max_lifetime_s=r.get("max_lifetime_s", int, 24 * 3600),
+                              products=(r.strings("products") if "products" in r.data
+                                        else None))
         r.check(issuer.jwks_file is not None or issuer.pem_file is not None, "jwks_file",
                 "(or pem_file) is required")
+        r.check(issuer.max_lifetime_s > 0, "max_lifetime_s", "must be positive")
         out.append(issuer)
     return tuple(out)
 

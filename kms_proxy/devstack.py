@@ -32,7 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kms_proxy.config import load
+from kms_proxy.api.jwt_auth import ACCOUNT_ID, DEFAULT_MAX_LIFETIME_S, product_ok
+from kms_proxy.config import ConfigError, load
 from shared.certs import DevCA
 from shared.serving import start_background, stop_process, write_atomically
 from shared.softhsm import init_token, write_softhsm_conf
@@ -91,8 +92,17 @@ def _issuer_keys(secrets_dir: Path) -> Path:
 def token(workdir: Path, *, product: str, account: str, ttl: int = 3600) -> str:
     """A service-principal JWT for ``product`` acting for ``account``, signed by the dev
     stack's issuer (for tests and compose stacks)."""
-    key = serialization.load_pem_private_key(
-        (workdir.resolve() / "secrets" / "issuer-key.pem").read_bytes(), password=None)
+    if not product_ok(product) or not ACCOUNT_ID.fullmatch(account):
+        raise ConfigError(f"the front refuses a token for product {product[:40]!r} and "
+                          f"account {account[:40]!r}: a product is like 'oss' (not 'kms'), an "
+                          f"account 6-20 digits")
+    if not 0 < ttl <= DEFAULT_MAX_LIFETIME_S:
+        raise ConfigError(f"--ttl must be 1-{DEFAULT_MAX_LIFETIME_S} seconds")
+    try:
+        pem = (workdir.resolve() / "secrets" / "issuer-key.pem").read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"no dev stack's issuer key in {workdir}: {exc.strerror}") from None
+    key = serialization.load_pem_private_key(pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     now = int(time.time())
     return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "iat": now, "exp": now + ttl,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ from darabonba.runtime import RuntimeOptions
 
 from kms_proxy.demo import ServicePrincipal
 from tests.e2e.stacktools import (
+    KMS_PROXY,
     ServiceClient,
     call_action,
     default_key_id,
@@ -294,6 +297,40 @@ def test_bearer_tokens_refused_over_http(stack: dict[str, Any]) -> None:
     status, body = ServicePrincipal(stack, "oss", token=good).call(
         "Encrypt", KeyId="alias/acs/oss", Plaintext="x")
     assert status == 200, body
+    # The scheme is case-insensitive; a second Authorization header is refused, not
+    # ignored (the first one used to win).
+    assert _raw_encrypt(stack, [f"bearer {good}"])[0] == 200
+    status, body = _raw_encrypt(stack, [f"Bearer {good}", "ACS3-HMAC-SHA256 x"])
+    assert (status, body["Code"]) == (400, "IncompleteSignature"), body
+    # The CLI refuses to mint what the front would refuse, with a message, not a traceback.
+    for args in (["--product", "kms", "--account", stack["account_id"]],
+                 ["--product", "oss", "--account", stack["account_id"], "--ttl", "-100"],
+                 ["--product", "OSS/../x", "--account", stack["account_id"]]):
+        done = subprocess.run([*KMS_PROXY, "dev", "token", "--workdir",
+                               str(stack["workdir"]), *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2 and done.stderr.startswith("kms-proxy: "), done.stderr
+        assert "Traceback" not in done.stderr and not done.stdout
+
+
+def _raw_encrypt(stack: dict[str, Any], authorization: list[str]
+                 ) -> tuple[int, dict[str, Any]]:
+    """An Encrypt with exactly these Authorization header lines."""
+    host, port = stack["kms"]["endpoint"].rsplit(":", 1)
+    connection = http.client.HTTPSConnection(
+        host, int(port), context=ssl.create_default_context(cafile=stack["kms"]["ca"]),
+        timeout=10)
+    try:
+        connection.putrequest("POST", "/?Action=Encrypt&Version=2016-01-20&KeyId=alias%2Facs"
+                                      "%2Foss&Plaintext=x")
+        for value in authorization:
+            connection.putheader("Authorization", value)
+        connection.putheader("Content-Length", "0")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
 
 
 def test_the_front_tells_the_ekm_who_calls_and_why(stack: dict[str, Any],

@@ -57,3 +57,32 @@ def test_hsm_oaep_sha256_in_token_is_a_setting(tmp_path: Path) -> None:
     assert config.hsm is not None and config.hsm.oaep_sha256_in_token is True
     with pytest.raises(ConfigError, match="oaep_sha256_in_token"):
         parse({**_data(), "hsm": {**hsm, "oaep_sha256_in_token": "yes"}}, tmp_path)
+
+
+def test_trusted_issuer_settings_and_their_faults(tmp_path: Path) -> None:
+    """An issuer's lifetime and products are settings; a key file the front cannot trust is
+    a configuration error naming the issuer (it was a traceback at start-up)."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from kms_proxy.app import create_app
+
+    private = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa.generate_private_key(
+        65537, 2048)))
+    (tmp_path / "private.json").write_text(json.dumps({"keys": [{**private, "kid": "r"}]}))
+    (tmp_path / "public.json").write_text(json.dumps({"keys": [{
+        **{k: v for k, v in private.items() if k in ("kty", "n", "e")}, "kid": "r"}]}))
+    issuer = {"issuer": "https://sts.test", "algorithms": ["RS256"],
+              "jwks_file": "public.json", "max_lifetime_s": 600, "products": ["oss"]}
+    [read] = parse({**_data(), "trusted_issuers": [issuer]}, tmp_path).trusted_issuers
+    assert (read.max_lifetime_s, read.products) == (600, ("oss",))
+    with pytest.raises(ConfigError, match="max_lifetime_s"):
+        parse({**_data(), "trusted_issuers": [{**issuer, "max_lifetime_s": 0}]}, tmp_path)
+    for fault, match in (({"jwks_file": "private.json"}, "private key"),
+                         ({"jwks_file": "missing.json"}, "No such file"),
+                         ({"products": ["kms"]}, "products")):
+        config = parse({**_data(), "trusted_issuers": [{**issuer, **fault}]}, tmp_path)
+        with pytest.raises(ConfigError, match=rf"trusted_issuers\[0\]: .*{match}"):
+            create_app(config)
