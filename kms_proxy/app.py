@@ -41,7 +41,7 @@ from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
 from kms_proxy.core.calls import RESOLVED_KEY
 from kms_proxy.core.capabilities import Op, require_principal
 from kms_proxy.core.errors import KmsError
-from kms_proxy.core.lifecycle import SweepEvent
+from kms_proxy.core.lifecycle import SystemEvent
 from kms_proxy.core.model import Instance, KeyKind, Principal, PrincipalKind
 from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.openapi import openapi_document
@@ -359,11 +359,11 @@ def create_app(config: Config) -> web.Application:
                     region=config.region, type=instance.type, name=instance.name,
                     spec_qps=instance.spec_qps,
                     created=existing.created if existing else audit.now()[:19] + "Z"))
+            service.lifecycle.on_event = _audit_system(audit)
             for account in config.accounts:
                 await service.provision_default_key(account.id)
             app[SERVICE] = service
             app[AUDIT] = audit
-            service.lifecycle.on_event = _audit_scheduled(audit)
             sweeper = asyncio.create_task(_sweep_forever(service,
                                                          config.lifecycle_interval_s))
             try:
@@ -387,17 +387,22 @@ def nonce_journal(config: Config, *, window_us: int) -> NonceJournal:
                         window_us=window_us)
 
 
-def _audit_scheduled(audit: AuditLog) -> Callable[[SweepEvent], None]:
-    """Audit what time decided (deletion windows, material expiry, automatic rotation) as
-    done by KMS itself."""
-    def record(event: SweepEvent) -> None:
+def _audit_system(audit: AuditLog) -> Callable[[SystemEvent], None]:
+    """Audit what KMS did on its own (default and service keys it made; deletion windows,
+    material expiry and automatic rotation) as done by ``service/kms``: no token can act
+    under that name (jwt_auth.RESERVED_PRODUCTS)."""
+    def record(event: SystemEvent) -> None:
         key = event.key
+        details: dict[str, str | int | bool | None] = {}
+        if event.version_id:
+            details["KeyVersionId"] = event.version_id
+        if event.alias:
+            details["AliasName"] = event.alias
         audit.append(AuditEvent(
-            time=audit.now(), request_id=f"sweep-{uuid.uuid4()}",
+            time=audit.now(), request_id=f"kms-{uuid.uuid4()}",
             principal=f"acs:ram::{key.account_id}:service/kms", account_id=key.account_id,
             action=event.action, key_id=key.key_id, key_arn=key.arn,
-            outcome=str(Outcome.SUCCESS), error_code=None, source_ip=None,
-            details={"KeyVersionId": event.version_id} if event.version_id else {}))
+            outcome=str(Outcome.SUCCESS), error_code=None, source_ip=None, details=details))
     return record
 
 

@@ -52,7 +52,7 @@ from kms_proxy.core.paging import Page, page
 from kms_proxy.core.states import require_state
 from kms_proxy.store.base import Store, StoreConflict
 
-__all__ = ["KeyLifecycle", "ServiceCore", "SweepEvent", "format_time", "next_rotation",
+__all__ = ["KeyLifecycle", "ServiceCore", "SystemEvent", "format_time", "next_rotation",
            "parse_time", "system_principal"]
 
 _TIME: Final = "%Y-%m-%dT%H:%M:%SZ"
@@ -79,12 +79,14 @@ def system_principal(account_id: str) -> Principal:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class SweepEvent:
-    """One thing a sweep did to a key, for the audit trail."""
+class SystemEvent:
+    """One thing KMS did to a key on its own, for the audit trail: provisioning a default
+    or service key, or what time decided (a sweep, or a read that found it due)."""
 
-    action: str  # "DeleteKey", "DeleteKeyMaterial" or "CreateKeyVersion"
+    action: str  # "CreateKey", "DeleteKey", "DeleteKeyMaterial" or "CreateKeyVersion"
     key: Key
     version_id: str | None = None
+    alias: str | None = None  # A service key's alias/acs/<product>, made with it.
 
 
 class ServiceCore(Protocol):
@@ -120,6 +122,8 @@ class ServiceCore(Protocol):
 
     async def resolve(self, principal: Principal, key_ref: str) -> Key: ...
 
+    async def provision_default_key(self, account_id: str) -> Key: ...
+
 
 class KeyLifecycle:
     """The lifecycle actions of one ``KeyService`` (``service.lifecycle``)."""
@@ -131,11 +135,15 @@ class KeyLifecycle:
         self._imports = ImportTokens(service.clock)
         # Told of everything done on a schedule, by the sweep or by a request that found it
         # due (the front audits each as done by KMS itself).
-        self.on_event: Callable[[SweepEvent], None] | None = None
+        self.on_event: Callable[[SystemEvent], None] | None = None
 
-    def _emit(self, event: SweepEvent, sink: list[SweepEvent] | None) -> None:
+    def _emit(self, event: SystemEvent, sink: list[SystemEvent] | None) -> None:
         if sink is not None:
             sink.append(event)
+        self.announce(event)
+
+    def announce(self, event: SystemEvent) -> None:
+        """Tell ``on_event`` (the audit trail) what KMS did on its own."""
         if self.on_event is not None:
             self.on_event(event)
 
@@ -396,7 +404,7 @@ class KeyLifecycle:
 
     # -- what time decides -----------------------------------------------------------------
 
-    async def _settle(self, key: Key, sink: list[SweepEvent] | None = None) -> Key | None:
+    async def _settle(self, key: Key, sink: list[SystemEvent] | None = None) -> Key | None:
         """Carry out what is due on ``key`` now: the end of its deletion window (None: the
         key is gone) or its imported material's expiry. Under the key's lock, on the key
         as it is now (``key`` may be an earlier read)."""
@@ -404,15 +412,19 @@ class KeyLifecycle:
             fresh = await self._s._key(key.key_id)
             return None if fresh is None else await self._settle_held(fresh, sink)
 
-    async def _settle_held(self, key: Key, sink: list[SweepEvent] | None) -> Key | None:
+    async def _settle_held(self, key: Key, sink: list[SystemEvent] | None) -> Key | None:
         now = self._s.clock()
         if _deletion_due(key, now):
             await self._delete_now(key)
-            self._emit(SweepEvent("DeleteKey", key), sink)
+            self._emit(SystemEvent("DeleteKey", key), sink)
+            if key.kind is KeyKind.DEFAULT_MASTER:
+                # Exactly one per account and region: the system makes the next one now,
+                # not at the front's next start.
+                await self._s.provision_default_key(key.account_id)
             return None
         if _expiry_due(key, now):
             key = await self._drop_material(key)
-            self._emit(SweepEvent("DeleteKeyMaterial", key), sink)
+            self._emit(SystemEvent("DeleteKeyMaterial", key), sink)
         return key
 
     async def current(self, key: Key) -> Key | None:
@@ -431,11 +443,11 @@ class KeyLifecycle:
             raise KeyNotFound(key_ref)
         return current
 
-    async def run_lifecycle(self) -> list[SweepEvent]:
+    async def run_lifecycle(self) -> list[SystemEvent]:
         """One sweep over every key: deletions and expiries that are due, then automatic
         rotations (Enabled keys whose last rotation is an interval old; a disabled key's
         rotation waits, as Alibaba's does)."""
-        events: list[SweepEvent] = []
+        events: list[SystemEvent] = []
         now = self._s.clock()
         for key in await self._s._store.all_keys():
             async with self._s.key_locks.hold(key.key_id):
@@ -454,7 +466,7 @@ class KeyLifecycle:
                 except UnsupportedOperation:
                     continue  # e.g. the account dropped the add-on: the policy waits.
                 version = await self._rotate(settled, system_principal(settled.account_id))
-                self._emit(SweepEvent("CreateKeyVersion", settled, version.version_id),
+                self._emit(SystemEvent("CreateKeyVersion", settled, version.version_id),
                            events)
         return events
 

@@ -46,7 +46,7 @@ from kms_proxy.core.errors import (
     UnsupportedOperation,
 )
 from kms_proxy.core.keylocks import KeyLocks
-from kms_proxy.core.lifecycle import KeyLifecycle, format_time, system_principal
+from kms_proxy.core.lifecycle import KeyLifecycle, SystemEvent, format_time, system_principal
 from kms_proxy.core.model import (
     Alias,
     CallInfo,
@@ -169,7 +169,7 @@ class KeyService:
         # connection); they take precedence over the per-kind backends.
         self._instance_backends: dict[str, KeyBackend] = {}
         self._instance_status: dict[str, Callable[[], str]] = {}
-        self._service_key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._system_key_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.key_locks = KeyLocks()
         self.lifecycle = KeyLifecycle(self, rotation_addon=config.rotation_addon)
 
@@ -270,6 +270,8 @@ class KeyService:
         key = await self._key(key_ref)
         if key is None or key.account_id != account or key.region != region:
             raise KeyNotFound(key_ref)
+        # Named in the audit line from here on, refused or not: it is the caller's own.
+        RESOLVED_KEY.set(key)
         _check_service_key_owner(principal, key)
         key = await self.lifecycle.settled(key, key_ref)
         RESOLVED_KEY.set(key)
@@ -304,9 +306,12 @@ class KeyService:
     # -- default keys, service keys, migrated keys ---------------------------------------
 
     async def _system_key(self, account_id: str, kind: KeyKind, *, creator: str,
-                          description: str, imported: bool = False) -> Key:
-        """A KMS-managed AES-256 key (default master key or service key); with
-        ``imported``, one that waits in PendingImport for BYOK material."""
+                          description: str, imported: bool = False,
+                          alias: str | None = None) -> Key:
+        """A KMS-managed AES-256 key (default master key or service key), stored in one
+        transaction with its ``alias`` (a failure between the two would leave a second
+        service key for the product) and audited as made by KMS; with ``imported``, one
+        that waits in PendingImport for BYOK material."""
         key_id = str(uuid.uuid4())
         version_id = str(uuid.uuid4())
         arn = f"acs:kms:{self.region}:{account_id}:key/{key_id}"
@@ -322,21 +327,24 @@ class KeyService:
                   protection_level=ProtectionLevel.SOFTWARE, instance_id=None,
                   description=description, creator=creator, created=created,
                   primary_version_id=version_id)
+        aliases = [Alias(alias, key_id, account_id, self.region)] if alias else []
         await self._store.create_key(key, [KeyVersion(key_id, version_id, created, material)],
-                                     {})
+                                     {}, aliases=aliases)
+        self.lifecycle.announce(SystemEvent("CreateKey", key, alias=alias))
         return key
 
     async def provision_default_key(self, account_id: str) -> Key:
         """The account's one default master key in this region, created by the system the
-        first time (CreateKey never makes one). An account configured for it gets a key
-        that is first enabled by importing material."""
-        for key in await self._store.list_keys(account_id, self.region):
-            if key.kind is KeyKind.DEFAULT_MASTER:
-                return key
-        return await self._system_key(
-            account_id, KeyKind.DEFAULT_MASTER, creator="Aliyun",
-            description="Default master key",
-            imported=account_id in self._config.imported_default_keys)
+        first time and again when its deletion window ends (CreateKey never makes one). An
+        account configured for it gets a key that is first enabled by importing material."""
+        async with self._system_key_locks.setdefault((account_id, ""), asyncio.Lock()):
+            for key in await self._store.list_keys(account_id, self.region):
+                if key.kind is KeyKind.DEFAULT_MASTER:
+                    return key
+            return await self._system_key(
+                account_id, KeyKind.DEFAULT_MASTER, creator="Aliyun",
+                description="Default master key",
+                imported=account_id in self._config.imported_default_keys)
 
     async def _service_key_alias(self, principal: Principal, alias_name: str) -> Alias | None:
         """Create a product's service key the first time that product's service principal
@@ -346,8 +354,8 @@ class KeyService:
             return None
         # Concurrent first uses must not make two keys: one creator at a time, and the
         # others find its alias. (This process is the store's only writer.)
-        lock = self._service_key_locks.setdefault((principal.account_id, product),
-                                                  asyncio.Lock())
+        lock = self._system_key_locks.setdefault((principal.account_id, product),
+                                                 asyncio.Lock())
         async with lock:
             existing = await self._store.get_alias(principal.account_id, self.region,
                                                    alias_name)
@@ -355,10 +363,9 @@ class KeyService:
                 return existing
             key = await self._system_key(principal.account_id, KeyKind.SERVICE,
                                          creator=product,
-                                         description=f"Service key of {product}")
-            alias = Alias(alias_name, key.key_id, principal.account_id, self.region)
-            await self._store.create_alias(alias)
-            return alias
+                                         description=f"Service key of {product}",
+                                         alias=alias_name)
+            return Alias(alias_name, key.key_id, principal.account_id, self.region)
 
     async def import_migrated_key(self, account_id: str, *, key_id: str, spec: KeySpec,
                                   description: str, created: str) -> Key:
@@ -639,6 +646,7 @@ class KeyService:
             raise InvalidCiphertext()
         if key.account_id != principal.account_id:
             raise AccessDenied(principal.arn, "decrypt with a key of another account")
+        RESOLVED_KEY.set(key)
         _check_service_key_owner(principal, key)
         try:
             key = await self.lifecycle.settled(key, key.key_id)

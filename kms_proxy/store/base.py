@@ -26,8 +26,9 @@ class Store(Protocol):
     async def list_instances(self, account_id: str, region: str) -> Sequence[Instance]: ...
 
     async def create_key(self, key: Key, versions: Sequence[KeyVersion],
-                         tags: Mapping[str, str]) -> None:
-        """Insert a key with its versions (the first one at least) and tags.
+                         tags: Mapping[str, str], *, aliases: Sequence[Alias] = ()) -> None:
+        """Insert a key with its versions (the first one at least), tags and aliases, in
+        one transaction.
 
         :raises StoreConflict:"""
         ...

@@ -138,7 +138,7 @@ class SQLiteStore:
     # -- keys --------------------------------------------------------------------------
 
     async def create_key(self, key: Key, versions: Sequence[KeyVersion],
-                         tags: Mapping[str, str]) -> None:
+                         tags: Mapping[str, str], *, aliases: Sequence[Alias] = ()) -> None:
         self._write([
             ("INSERT INTO keys VALUES (?, ?, ?, ?)",
              (key.key_id, key.account_id, key.region, _key_json(key))),
@@ -146,6 +146,8 @@ class SQLiteStore:
                (v.version_id, v.key_id, v.created, v.material)) for v in versions],
             *[("INSERT INTO tags VALUES (?, ?, ?)", (key.key_id, k, v))
               for k, v in tags.items()],
+            *[("INSERT INTO aliases VALUES (?, ?, ?, ?)",
+               (a.account_id, a.region, a.name, a.key_id)) for a in aliases],
         ])
 
     async def get_key(self, key_id: str) -> Key | None:

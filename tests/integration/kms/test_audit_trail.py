@@ -36,6 +36,8 @@ from tests.integration.kms.conftest import (
 
 PLAINTEXT = "Top secret 7f3a: the eagle lands at dawn + = / é"
 CONTEXT = {"case": "audit"}
+# Events KMS writes on its own at a first start: a CreateKey per account's default key.
+PROVISIONED = 2
 TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 
 
@@ -173,8 +175,17 @@ async def test_one_event_per_authenticated_action(start_kms: StartKms,
     path = kms.config.audit_log
     assert path.stat().st_mode & 0o777 == 0o600
     events = read_events(path)
+    # First what KMS did on its own at start-up: each account's default master key.
+    made, events = events[:PROVISIONED], events[PROVISIONED:]
+    for seq, (event, account) in enumerate(zip(made, (ACCOUNT_A, ACCOUNT_B), strict=True),
+                                           start=1):
+        assert event["seq"] == seq and event["request_id"].startswith("kms-")
+        assert (event["principal"], event["account_id"], event["action"], event["outcome"]
+                ) == (f"acs:ram::{account}:service/kms", account, "CreateKey", "Success")
+        assert event["key_arn"] == f"acs:kms:{REGION}:{account}:key/{event['key_id']}"
     assert [e["request_id"] for e in events] == [x.request_id for x in expected]
-    for seq, (event, want) in enumerate(zip(events, expected, strict=True), start=1):
+    for seq, (event, want) in enumerate(zip(events, expected, strict=True),
+                                        start=PROVISIONED + 1):
         account, arn = principal(want.who)
         assert event["seq"] == seq
         assert (event["principal"], event["account_id"], event["action"]) == (
@@ -197,7 +208,8 @@ async def test_one_event_per_authenticated_action(start_kms: StartKms,
                         by_action["CreateKeyVersion", "Success"]["details"]["KeyVersionId"])
 
     report = verify_chain(path, chain_key=kms.config.audit_chain_key)
-    assert (report.ok, report.events, report.first_bad_seq) == (True, len(expected), None)
+    assert (report.ok, report.events, report.first_bad_seq) == (
+        True, PROVISIONED + len(expected), None)
     assert report.last_hash == events[-1]["hash"]
     assert not verify_chain(path, chain_key=os.urandom(32)).ok
     assert not verify_chain(path).ok
@@ -294,8 +306,8 @@ async def test_cli_audit_verify(start_kms: StartKms, tmp_path: Path) -> None:
     good = await asyncio.to_thread(verify_cli, config_path)
     assert good.returncode == 0, good.stderr
     report = json.loads(good.stdout)
-    assert (report["ok"], report["events"], report["first_bad_seq"]) == (True, len(expected),
-                                                                         None)
+    assert (report["ok"], report["events"], report["first_bad_seq"]) == (
+        True, PROVISIONED + len(expected), None)
 
     wrong_key = toml_config(kms.config, tmp_path / "wrong-key.toml", chain_key=os.urandom(32))
     bad = await asyncio.to_thread(verify_cli, wrong_key)

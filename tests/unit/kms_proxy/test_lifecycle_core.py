@@ -47,7 +47,7 @@ from kms_proxy.core.errors import (
     Unsupported,
     UnsupportedOperation,
 )
-from kms_proxy.core.lifecycle import SweepEvent, format_time, next_rotation
+from kms_proxy.core.lifecycle import SystemEvent, format_time, next_rotation
 from kms_proxy.core.model import (
     Instance,
     InstanceType,
@@ -383,6 +383,27 @@ async def test_default_master_key_rotation_needs_the_addon(build: Build,
     assert await version_ids(service, default.key_id) == [default.primary_version_id]
 
 
+async def test_a_deleted_default_master_key_is_replaced_when_its_window_ends(
+        build: Build, clock: Clock) -> None:
+    """Exactly one per account and region: the system makes the next default master key
+    as soon as the last one is deleted (it used to wait for the front's next start), and
+    the audit hook hears both."""
+    service = (await build()).service
+    old = await service.provision_default_key(ACCOUNT)
+    heard: list[tuple[str, str]] = []
+    service.lifecycle.on_event = lambda e: heard.append((e.action, e.key.key_id))
+    await service.lifecycle.schedule_key_deletion(USER, old.key_id, 7)
+    clock.advance(7 * DAY)
+    assert await sweep(service) == [("DeleteKey", old.key_id)]
+    [new] = [k for k in await service._store.list_keys(ACCOUNT, REGION)
+             if k.kind is KeyKind.DEFAULT_MASTER]
+    assert new.key_id != old.key_id and new.state is KeyState.ENABLED
+    assert heard == [("DeleteKey", old.key_id), ("CreateKey", new.key_id)]
+    assert await decrypts(service, (await service.encrypt(OSS, new.key_id, b"sse",
+                                                          CONTEXT)).blob, OSS) == b"sse"
+    assert (await service.provision_default_key(ACCOUNT)).key_id == new.key_id
+
+
 async def test_hardware_rotation_only_symmetric_in_the_encrypted_database(
         build: Build, clock: Clock, hsm: HSMBackend) -> None:
     service = (await build(hsm=hsm)).service
@@ -460,7 +481,7 @@ async def test_the_sweep_deletes_a_key_when_its_window_ends(build: Build,
 
     clock.advance(SECOND)
     events = await service.lifecycle.run_lifecycle()
-    assert events == [SweepEvent("DeleteKey", pending)]
+    assert events == [SystemEvent("DeleteKey", pending)]
     with pytest.raises(KeyNotFound):
         await service.resolve(USER, key.key_id)
     with pytest.raises(AliasNotFound):

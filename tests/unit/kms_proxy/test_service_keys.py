@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import uuid
 from pathlib import Path
 
 import pytest
 
 from kms_proxy.backends.software import SoftwareBackend
+from kms_proxy.core.calls import RESOLVED_KEY
 from kms_proxy.core.errors import AccessDenied, AliasNotFound, UnsupportedOperation
-from kms_proxy.core.model import KeyKind, Principal, PrincipalKind
+from kms_proxy.core.lifecycle import SystemEvent
+from kms_proxy.core.model import Alias, KeyKind, KeyVersion, Principal, PrincipalKind
 from kms_proxy.core.service import KeyService, ServiceConfig
+from kms_proxy.store.base import StoreConflict
 from kms_proxy.store.sqlite import SQLiteStore
 
 ACCOUNT = "1234567890123456"
@@ -64,3 +69,49 @@ async def test_one_default_master_key_per_account(service: KeyService) -> None:
         await service.encrypt(USER, first.key_id, b"x", None)
     sealed = await service.encrypt(OSS, first.key_id, b"sse", None)
     assert (await service.decrypt(RDS, sealed.blob, None)).plaintext == b"sse"
+
+
+async def test_a_refused_use_of_another_products_key_names_that_key(
+        service: KeyService) -> None:
+    """The audit line names the key the core found, also when the principal may not use
+    it: the owner check ran before the key was recorded, so the line named no key."""
+    sealed = await service.encrypt(OSS, "alias/acs/oss", b"data", None)
+    for refused_call in (service.encrypt(RDS, "alias/acs/oss", b"x", None),
+                         service.decrypt(RDS, sealed.blob, None)):
+        RESOLVED_KEY.set(None)
+        with pytest.raises(AccessDenied):
+            await refused_call
+        resolved = RESOLVED_KEY.get()
+        assert resolved is not None and resolved.key_id == sealed.key_id
+
+
+async def test_system_made_keys_are_announced_with_their_alias(
+        service: KeyService) -> None:
+    events: list[SystemEvent] = []
+    service.lifecycle.on_event = events.append
+    default = await service.provision_default_key(ACCOUNT)
+    sealed = await service.encrypt(OSS, "alias/acs/oss", b"x", None)
+    await service.encrypt(OSS, "alias/acs/oss", b"x", None)  # No second event.
+    assert [(e.action, e.key.key_id, e.alias) for e in events] == [
+        ("CreateKey", default.key_id, None), ("CreateKey", sealed.key_id, "alias/acs/oss")]
+
+
+async def test_a_key_and_its_alias_are_stored_together(service: KeyService,
+                                                       tmp_path: Path) -> None:
+    """A service key's alias is written in the key's own transaction: an alias insert that
+    fails leaves no key behind (it left an orphan service key, and the next use made a
+    second one for the product)."""
+    store = service._store
+    first = await service.encrypt(OSS, "alias/acs/oss", b"x", None)
+    stored = await store.get_key(first.key_id)
+    assert stored is not None
+    orphan = dataclasses.replace(stored, key_id=str(uuid.uuid4()))
+    taken = Alias("alias/acs/oss", orphan.key_id, ACCOUNT, "cn-hangzhou")
+    with pytest.raises(StoreConflict):
+        await store.create_key(orphan, [KeyVersion(orphan.key_id, str(uuid.uuid4()),
+                                                   orphan.created, b"m")], {},
+                               aliases=[taken])
+    assert await store.get_key(orphan.key_id) is None
+    keys = await service.list_keys(USER, filters=[("CreatorType", ["Service"])],
+                                   page_number=1, page_size=100)
+    assert [k.key_id for k in keys.items] == [first.key_id]
