@@ -9,10 +9,9 @@ not do. Lifecycle state (enabled, versions) is in the registry.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from pkcs11 import Attribute, KeyType, ObjectClass
 
@@ -22,10 +21,9 @@ from ekm_sim.registry import KeyRecord, KeyRegistry, RegistryError
 from shared import softhsm
 from shared.pkcs11pool import PKCS11Pool, SessionContext
 from shared.softhsm import write_softhsm_conf
+from shared.xks import EXTERNAL_KEY_ID
 
 __all__ = ["AdminError", "KeyAdmin", "KeyUsage", "init_token", "write_softhsm_conf"]
-
-_KEY_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 class AdminError(Exception):
@@ -103,8 +101,8 @@ class KeyAdmin:
     async def create(self, key_id: str, usage: KeyUsage, *, enabled: bool = True) -> KeyRecord:
         """:raises AdminError: for a bad or taken key id (in the registry, or in the token:
         the health check's key, or objects a failed change left behind)."""
-        if not _KEY_ID.fullmatch(key_id):
-            raise AdminError("a key id is 1-128 characters of [A-Za-z0-9._-]")
+        if not EXTERNAL_KEY_ID.fullmatch(key_id):
+            raise AdminError("a key id is 1-128 characters of [A-Za-z0-9._-], not . or ..")
         async with self._registry.changing() as records:
             if key_id in records:
                 raise AdminError(f"key {key_id!r} exists already")

@@ -21,6 +21,7 @@ from typing import Any, Final
 __all__ = [
     "CDIV_ALGORITHM",
     "ENCRYPTION_ALGORITHM",
+    "EXTERNAL_KEY_ID",
     "IV_LENGTHS",
     "MAX_AAD_BYTES",
     "MAX_CTM_BYTES",
@@ -60,6 +61,10 @@ MAX_AAD_BYTES: Final = 0xFFFF
 MAX_CTM_BYTES: Final = 20
 TAG_LENGTH: Final = 16
 IV_LENGTHS: Final = frozenset({12, 16})
+# "externalKeyId ... 1-128 characters of [A-Za-z0-9-._]" (XKS section 3). It is a segment of
+# the URL path (/keys/<id>/encrypt), where "." and ".." are dot segments that clients and
+# servers remove (RFC 3986 5.2.4): such a key could never be reached, so neither is an id.
+EXTERNAL_KEY_ID: Final = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]{1,128}")
 ENCRYPTION_ALGORITHM: Final = "AES_GCM"
 CDIV_ALGORITHM: Final = "SHA_256"
 # "errorMessage ... less than 512 characters" of printable ASCII (spec L602-606).

@@ -117,7 +117,7 @@ class Params:
         if value in (None, ""):
             return None
         try:
-            parsed = json.loads(value)
+            parsed = json.loads(value, object_pairs_hook=_unique_names)
             if "\\u" in value:
                 # A \uD800-style escape decodes to a lone surrogate, a str that is not
                 # Unicode text: it could not become UTF-8 (the AAD) or a database value.
@@ -125,6 +125,11 @@ class Params:
         except UnicodeEncodeError:
             raise InvalidParameter(name, "holds a lone surrogate (\\uD800-\\uDFFF), "
                                          "not Unicode text") from None
+        except _RepeatedName as exc:
+            # Which value counts would be the parser's choice (the last), not the
+            # caller's: an EncryptionContext pair would silently drop out of the AAD.
+            raise InvalidParameter(name, f"repeats the name {str(exc)[:64]!r} in one JSON "
+                                         "object") from None
         except (ValueError, RecursionError):
             # RecursionError: nesting deeper than the parser's recursion limit.
             raise InvalidParameter(name, "not valid JSON") from None
@@ -185,3 +190,16 @@ class Params:
                 raise InvalidParameter(name, 'each filter is {"Key": str, "Values": [str]}')
             out.append((item["Key"], list(item["Values"])))
         return out
+
+
+class _RepeatedName(ValueError):
+    """A JSON object names one member twice."""
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:
+            raise _RepeatedName(name)
+        obj[name] = value
+    return obj

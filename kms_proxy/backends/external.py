@@ -44,7 +44,6 @@ from types import MappingProxyType
 from typing import Final
 
 from kms_proxy.backends.xks_client import (
-    EXTERNAL_KEY_ID,
     XKSClient,
     XKSClientError,
     XKSInvalidResponse,
@@ -65,6 +64,7 @@ from kms_proxy.core.errors import (
 )
 from kms_proxy.core.model import CallInfo, KeySpec, KeyStorageMechanism, KeyVersion
 from shared.xks import (
+    EXTERNAL_KEY_ID,
     IV_LENGTHS,
     MAX_AAD_BYTES,
     MAX_CTM_BYTES,
@@ -268,8 +268,8 @@ class ExternalBackend:
         if external_key_id is None:
             raise InvalidParameter("ExternalKeyId", "is required for an external key")
         if not EXTERNAL_KEY_ID.fullmatch(external_key_id):
-            raise InvalidParameter("ExternalKeyId",
-                                   "must be 1 to 128 characters of A-Z a-z 0-9 . _ -")
+            raise InvalidParameter("ExternalKeyId", "must be 1 to 128 characters of "
+                                                    "A-Z a-z 0-9 . _ -, and not . or ..")
         if spec is not KeySpec.AES_256:
             raise UnsupportedOperation(f"external keys are {KeySpec.AES_256} only, "
                                        f"not {spec}")

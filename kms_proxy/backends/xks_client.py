@@ -76,6 +76,7 @@ from aiohttp.tracing import Trace
 from shared.sigv4 import Credential, Signer
 from shared.tls import client_context
 from shared.xks import (
+    EXTERNAL_KEY_ID,
     DecryptRequest,
     EncryptRequest,
     EncryptResponse,
@@ -104,9 +105,6 @@ __all__ = [
 ]
 
 SERVICE: Final = "kms-xks-proxy"
-# "externalKeyId ... 1-128 characters of [A-Za-z0-9-._]" (XKS section 3). It goes into the
-# URL path, so anything else is refused before a request is built.
-EXTERNAL_KEY_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _URI_PREFIX: Final = re.compile(r"[A-Za-z0-9/_-]{0,128}")
 _MAX_ATTEMPTS: Final = 2
 MAX_RESPONSE_BYTES: Final = 1 << 20

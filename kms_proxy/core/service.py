@@ -441,7 +441,7 @@ class KeyService:
         if info.unsupported_reason:
             raise UnsupportedOperation(info.unsupported_reason)
         if instance.type not in info.instance_types:
-            raise UnsupportedOperation(f"{spec} keys cannot live in a {instance.type} instance")
+            raise UnsupportedOperation(f"{spec} keys cannot live in {instance.type} instances")
         usage = usage or info.default_usage
         if usage not in info.usages:
             raise InvalidParameter("KeyUsage", f"{spec} keys support "

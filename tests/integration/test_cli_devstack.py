@@ -277,3 +277,7 @@ async def test_concurrent_cli_changes_and_a_key_made_again(stack: dict[str, Any]
         await client.session.close()
     clash = run("keys", "create", "ekm-sim.health-probe", *config, check=False)
     assert clash.returncode == 2 and "already holds" in clash.stderr
+    # A dot segment could never be reached: /keys/../encrypt loses it on the way.
+    for dots in (".", ".."):
+        refused = run("keys", "create", dots, *config, check=False)
+        assert refused.returncode == 2 and "not . or .." in refused.stderr

@@ -203,6 +203,10 @@ async def test_generate_refuses_a_disabled_external_key(sim: Sim,
 @pytest.mark.parametrize(("kwargs", "error", "name"), [
     ({}, InvalidParameter, "ExternalKeyId"),
     ({"external_key_id": "../health"}, InvalidParameter, "ExternalKeyId"),
+    # Dot segments: the URL .../keys/../metadata loses them, so the EKM was asked at the
+    # wrong path and the instance was marked Disconnected.
+    ({"external_key_id": ".."}, InvalidParameter, "ExternalKeyId"),
+    ({"external_key_id": "."}, InvalidParameter, "ExternalKeyId"),
     ({"external_key_id": "x" * 129}, InvalidParameter, "ExternalKeyId"),
     ({"external_key_id": "foo", "storage": KeyStorageMechanism.HSM_INTERNAL},
      InvalidParameter, "KeyStorageMechanism"),

@@ -171,6 +171,17 @@ CASES: dict[str, Case] = {
     "context-too-long": Case("Encrypt", lambda w: {
         "KeyId": w.key_id, "Plaintext": "x",
         "EncryptionContext": ctx_json({"k": "v" * 8200})}, 400, IP, "EncryptionContext"),
+    # The parser would keep the last value: one pair would drop out of the AAD unseen.
+    "context-repeated-name": Case("Encrypt", lambda w: {
+        "KeyId": w.key_id, "Plaintext": "x",
+        "EncryptionContext": '{"purpose":"payroll","purpose":"test"}'}, 400, IP,
+        "EncryptionContext"),
+    "context-repeated-name-decrypt": Case("Decrypt", lambda w: {
+        "CiphertextBlob": w.blob_b64,
+        "EncryptionContext": ctx_json(w.context)[:-1] + ',"a":"1","a":"2"}'}, 400, IP,
+        "EncryptionContext"),
+    "tags-repeated-member": Case("CreateKey", lambda w: {
+        "Tags": '[{"TagKey":"a","TagKey":"b","TagValue":"v"}]'}, 400, IP, "Tags"),
     "gdk-context-bad": Case("GenerateDataKey", lambda w: {"KeyId": w.key_id,
                                                           "EncryptionContext": "[1]"},
                             400, IP, "EncryptionContext"),
