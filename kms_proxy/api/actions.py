@@ -24,6 +24,7 @@ from kms_proxy.core.model import (
     KeyVersion,
     Origin,
     Principal,
+    ProtectionLevel,
 )
 from kms_proxy.core.service import KeyService, Page
 
@@ -117,6 +118,10 @@ def _instance_arn(instance: Instance) -> str:
 
 async def create_key(c: Call) -> dict[str, Any]:
     p = c.params
+    if p.get("Policy"):
+        # Accepting and dropping it would leave a key open that its caller meant to close.
+        raise UnsupportedOperation("key policies (Policy) are not implemented by this front; "
+                                   "create the key without one")
     key = await c.service.create_key(
         c.principal,
         spec=p.enum("KeySpec", KeySpec, default=KeySpec.AES_256) or KeySpec.AES_256,
@@ -130,7 +135,8 @@ async def create_key(c: Call) -> dict[str, Any]:
         # key manager. Send it with the SDK's generic call_api (see the README).
         external_key_id=p.optional_text("ExternalKeyId", max_len=128),
         rotation=p.boolean("EnableAutomaticRotation"),
-        rotation_interval=p.duration("RotationInterval"))
+        rotation_interval=p.duration("RotationInterval"),
+        protection_level=p.enum("ProtectionLevel", ProtectionLevel))
     return {"KeyMetadata": key_metadata(key)}
 
 
@@ -334,6 +340,14 @@ def _dry_run(p: Params) -> None:
         raise UnsupportedOperation("DryRun is not supported")
 
 
+def _no_recipient(p: Params) -> None:
+    if p.get("Recipient"):
+        # An attestation-bound answer (CiphertextForRecipient) was asked for; answering
+        # with the plaintext would hand it to the host the caller did not trust.
+        raise UnsupportedOperation("Recipient (an answer sealed for an attested enclave) "
+                                   "is not supported by this front")
+
+
 async def encrypt(c: Call) -> dict[str, Any]:
     p = c.params
     _dry_run(p)
@@ -357,6 +371,7 @@ def _plaintext_text(data: bytes) -> str:
 async def decrypt(c: Call) -> dict[str, Any]:
     p = c.params
     _dry_run(p)
+    _no_recipient(p)
     result = await c.service.decrypt(c.principal, p.b64("CiphertextBlob"),
                                      p.context("EncryptionContext"))
     return {"KeyId": result.key_id, "KeyVersionId": result.version_id,
@@ -366,6 +381,7 @@ async def decrypt(c: Call) -> dict[str, Any]:
 async def generate_data_key(c: Call) -> dict[str, Any]:
     p = c.params
     _dry_run(p)
+    _no_recipient(p)
     data_key = await c.service.generate_data_key(
         c.principal, p.text("KeyId"),
         number_of_bytes=p.integer("NumberOfBytes", default=None, low=1, high=1024),
@@ -459,6 +475,7 @@ async def asymmetric_encrypt(c: Call) -> dict[str, Any]:
 async def asymmetric_decrypt(c: Call) -> dict[str, Any]:
     p = c.params
     _dry_run(p)
+    _no_recipient(p)
     result = await c.service.asymmetric_decrypt(
         c.principal, p.text("KeyId"), p.text("KeyVersionId", max_len=128),
         p.text("Algorithm", max_len=32), p.b64("CiphertextBlob"))
@@ -522,7 +539,8 @@ ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "CreateKey": Action(create_key, (), ("DKMSInstanceId", "KeySpec", "KeyUsage", "Origin",
                                          "Description", "Tags", "KeyStorageMechanism",
                                          "EnableAutomaticRotation", "RotationInterval",
-                                         "ExternalKeyId"), "Create a key"),
+                                         "ExternalKeyId", "ProtectionLevel", "Policy"),
+                        "Create a key"),
     "DescribeKey": Action(describe_key, ("KeyId",), (), "A key's metadata"),
     "ListKeys": Action(list_keys, (), ("Filters", "PageNumber", "PageSize"), "List keys"),
     "EnableKey": Action(enable_key, ("KeyId",), (), "Enable a key"),
@@ -559,9 +577,9 @@ ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "UntagResource": Action(untag_resource, ("KeyId", "TagKeys")),
     "ListResourceTags": Action(list_resource_tags, ("KeyId",)),
     "Encrypt": Action(encrypt, ("KeyId", "Plaintext"), _CTX),
-    "Decrypt": Action(decrypt, ("CiphertextBlob",), _CTX),
+    "Decrypt": Action(decrypt, ("CiphertextBlob",), (*_CTX, "Recipient")),
     "GenerateDataKey": Action(generate_data_key, ("KeyId",),
-                              ("KeySpec", "NumberOfBytes", *_CTX)),
+                              ("KeySpec", "NumberOfBytes", *_CTX, "Recipient")),
     "GenerateDataKeyWithoutPlaintext": Action(generate_data_key_without_plaintext,
                                               ("KeyId",), ("KeySpec", "NumberOfBytes", *_CTX)),
     "ReEncrypt": Action(re_encrypt, ("CiphertextBlob", "DestinationKeyId"),
@@ -579,7 +597,8 @@ ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "AsymmetricEncrypt": Action(asymmetric_encrypt, ("KeyId", "KeyVersionId", "Algorithm",
                                                      "Plaintext"), ("DryRun",)),
     "AsymmetricDecrypt": Action(asymmetric_decrypt, ("KeyId", "KeyVersionId", "Algorithm",
-                                                     "CiphertextBlob"), ("DryRun",)),
+                                                     "CiphertextBlob"),
+                                ("DryRun", "Recipient")),
     "GetPublicKey": Action(get_public_key, ("KeyId",), ("KeyVersionId", "DryRun")),
     "ListKmsInstances": Action(list_kms_instances, (), ("PageNumber", "PageSize")),
     "GetKmsInstance": Action(get_kms_instance, ("KmsInstanceId",)),

@@ -211,8 +211,13 @@ class KeyLifecycle:
     async def update_rotation_policy(self, principal: Principal, key_ref: str,
                                      *, enabled: bool, interval: int | None) -> Key:
         async with self._s.changing(principal, key_ref) as key:
-            require_rotation(key, Op.UPDATE_ROTATION_POLICY, principal.kind,
-                             addon=self._has_addon(key))
+            if not enabled and key.rotation_interval is not None:
+                # Turning a policy off needs no add-on: an account that lost it must not be
+                # left with a policy it can neither use nor remove.
+                require(key.kind, Op.UPDATE_ROTATION_POLICY, principal.kind)
+            else:
+                require_rotation(key, Op.UPDATE_ROTATION_POLICY, principal.kind,
+                                 addon=self._has_addon(key))
             require_state(key.state, Op.UPDATE_ROTATION_POLICY)
             if not enabled:
                 return await self._s._save(dataclasses.replace(key, rotation_interval=None))

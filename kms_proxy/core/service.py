@@ -95,6 +95,9 @@ class ServiceConfig:
     # Accounts whose default master key waits, at its first enabling, for imported
     # material (Origin EXTERNAL, PendingImport) instead of KMS-generated material.
     imported_default_keys: frozenset[str] = frozenset()
+    # The seed's quota for default keys (the default master key and service keys
+    # together), per account: 1000 ops/s, not upgradable.
+    default_keys_qps: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,7 @@ class KeyService:
         self._keys: dict[str, Key] = {}
         self._versions: dict[str, KeyVersion] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._default_key_buckets: dict[str, TokenBucket] = {}
         # Backends bound to one instance (each external instance has its own EKM
         # connection); they take precedence over the per-kind backends.
         self._instance_backends: dict[str, KeyBackend] = {}
@@ -289,11 +293,19 @@ class KeyService:
         return key
 
     def _throttle(self, key: Key) -> None:
-        if key.instance_id is None:
+        if key.instance_id is not None:
+            bucket = self._buckets.get(key.instance_id)
+            if bucket is not None and not bucket.take():
+                raise Throttled(f"instance {key.instance_id}")
             return
-        bucket = self._buckets.get(key.instance_id)
-        if bucket is not None and not bucket.take():
-            raise Throttled(f"instance {key.instance_id}")
+        # Keys outside instances (default and service keys) share their account's quota.
+        bucket = self._default_key_buckets.get(key.account_id)
+        if bucket is None:
+            rate = self._config.default_keys_qps
+            bucket = self._default_key_buckets[key.account_id] = TokenBucket(rate=rate,
+                                                                             burst=rate)
+        if not bucket.take():
+            raise Throttled(f"default keys of account {key.account_id}")
 
     async def _backend_version(self, key: Key, version_id: str | None = None
                                ) -> tuple[KeyBackend, KeyVersion]:
@@ -421,15 +433,18 @@ class KeyService:
                          tags: Mapping[str, str],
                          storage: KeyStorageMechanism | None = None,
                          external_key_id: str | None = None,
-                         rotation: bool = False, rotation_interval: int | None = None
-                         ) -> Key:
+                         rotation: bool = False, rotation_interval: int | None = None,
+                         protection_level: ProtectionLevel | None = None) -> Key:
         """Create a user master key in a KMS instance (the default one if none is named).
         With Origin EXTERNAL the key waits in PendingImport for BYOK material; with
         ``rotation`` it rotates automatically every ``rotation_interval`` seconds.
+        ``protection_level`` is ignored with a named instance (its type decides, as the API
+        says); without one, it must be what the account's default instance gives.
 
         :raises InstanceNotFound: :raises UnsupportedOperation: :raises InvalidParameter:
         :raises Unsupported:
         """
+        named = instance_id is not None
         instance_id = instance_id or self._config.default_instances.get(principal.account_id)
         if instance_id is None:
             raise MissingParameter("DKMSInstanceId")
@@ -437,6 +452,12 @@ class KeyService:
         if instance is None or instance.account_id != principal.account_id:
             raise InstanceNotFound(instance_id)
         kind = KIND_INSTANCE[instance.type]
+        level = ProtectionLevel.HSM if kind is KeyKind.HARDWARE else ProtectionLevel.SOFTWARE
+        if not named and protection_level is not None and protection_level is not level:
+            # Never a silent downgrade: an HSM key asked for must not come back SOFTWARE.
+            raise Unsupported("ProtectionLevel", f"the account's default instance "
+                              f"{instance_id} is a {instance.type} instance; name an "
+                              f"instance of the right type with DKMSInstanceId")
         info = spec_info(spec)
         if info.unsupported_reason:
             raise UnsupportedOperation(info.unsupported_reason)
@@ -470,9 +491,7 @@ class KeyService:
                   kind=kind, spec=spec, usage=usage,
                   state=KeyState.PENDING_IMPORT if imported else KeyState.ENABLED,
                   origin=origin,
-                  protection_level=(ProtectionLevel.HSM if kind is KeyKind.HARDWARE
-                                    else ProtectionLevel.SOFTWARE),
-                  instance_id=instance_id, description=description,
+                  protection_level=level, instance_id=instance_id, description=description,
                   creator=principal.account_id, created=created,
                   primary_version_id=version_id, storage_mechanism=storage,
                   external_key_id=external_key_id)

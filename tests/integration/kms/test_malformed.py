@@ -36,6 +36,7 @@ from tests.integration.kms.conftest import (
     ACCOUNT_A,
     AK_A1,
     ENVELOPE,
+    INSTANCE_A,
     REGION,
     Kms,
     Reply,
@@ -219,6 +220,15 @@ CASES: dict[str, Case] = {
     "origin-external-asymmetric": Case("CreateKey", lambda w: {"Origin": "EXTERNAL",
                                                                "KeySpec": "RSA_2048"},
                                        400, "Rejected.UnsupportedOperation"),
+    # Accepted and dropped, a policy meant to close a key would leave it open.
+    "policy-not-implemented": Case("CreateKey", lambda w: {
+        "Policy": '{"Version":"1","Statement":[{"Effect":"Deny","Action":["kms:*"]}]}'},
+        400, "Rejected.UnsupportedOperation"),
+    "protection-level-bad": Case("CreateKey", lambda w: {"ProtectionLevel": "BOGUS"}, 400,
+                                 IP, "ProtectionLevel"),
+    # The default instance is a software one: an HSM key asked for is not silently SOFTWARE.
+    "protection-level-hsm-in-software": Case("CreateKey", lambda w: {"ProtectionLevel": "HSM"},
+                                             400, "Unsupported.ProtectionLevel"),
     "spec-sm2": Case("CreateKey", lambda w: {"KeySpec": "EC_SM2"}, 400,
                      "Rejected.UnsupportedOperation"),
     "instance-unknown": Case("CreateKey", lambda w: {"DKMSInstanceId": "kst-hzznotthere0001"},
@@ -387,6 +397,44 @@ async def test_dry_run_is_an_error(kms: Kms, client: Client, world: World) -> No
         # DryRun=false is an ordinary call.
         assert (await kms.call(client, action, {**params, "DryRun": "false"})).status == 200
     assert kms.counts() == before
+
+
+async def test_recipient_is_refused_not_ignored(kms: Kms, client: Client,
+                                               world: World) -> None:
+    """A Recipient asks for the answer sealed for an attested enclave
+    (CiphertextForRecipient); the plaintext must not come back instead."""
+    recipient = {"Recipient": '{"AttestationDocument":"AAAA","KeyEncryptionAlgorithm":'
+                              '"RSAES_OAEP_SHA_256"}'}
+    before = kms.counts()
+    for action, params in (
+            ("Decrypt", {"CiphertextBlob": world.blob_b64,
+                         "EncryptionContext": ctx_json(world.context)}),
+            ("GenerateDataKey", {"KeyId": world.key_id}),
+            ("AsymmetricDecrypt", {"KeyId": world.key_id, "KeyVersionId": "v",
+                                   "Algorithm": "RSAES_OAEP_SHA_256",
+                                   "CiphertextBlob": b64(bytes(256))})):
+        # Where the SDK puts it (the form body), and in the query.
+        for reply in (await kms.call(client, action, params, recipient),
+                      await kms.call(client, action, {**params, **recipient})):
+            assert_error(reply, 400, "Rejected.UnsupportedOperation")
+            assert "Plaintext" not in reply.body
+    # The official SDK's own field goes the same way.
+    with pytest.raises(Exception, match="Recipient") as caught:
+        await asyncio.to_thread(client.generate_data_key, models.GenerateDataKeyRequest(
+            key_id=world.key_id, recipient=recipient["Recipient"]))
+    assert caught.value.code == "Rejected.UnsupportedOperation"  # type: ignore[attr-defined]
+    assert kms.counts() == before
+
+
+async def test_protection_level_is_checked_or_decided_by_the_instance(
+        kms: Kms, client: Client) -> None:
+    """Without DKMSInstanceId the level must be what the default instance gives; with one,
+    the instance's type decides and the parameter is ignored (reference, CreateKey)."""
+    reply = await kms.call(client, "CreateKey", {"ProtectionLevel": "SOFTWARE"})
+    assert (reply.status, reply.body["KeyMetadata"]["ProtectionLevel"]) == (200, "SOFTWARE")
+    reply = await kms.call(client, "CreateKey", {"ProtectionLevel": "HSM",
+                                                 "DKMSInstanceId": INSTANCE_A})
+    assert (reply.status, reply.body["KeyMetadata"]["ProtectionLevel"]) == (200, "SOFTWARE")
 
 
 async def test_unknown_action_and_wrong_version(kms: Kms, client: Client) -> None:

@@ -404,6 +404,26 @@ async def test_a_deleted_default_master_key_is_replaced_when_its_window_ends(
     assert (await service.provision_default_key(ACCOUNT)).key_id == new.key_id
 
 
+async def test_a_policy_outlives_the_addon_but_can_be_turned_off(build: Build) -> None:
+    """An account that loses the add-on keeps a policy the sweep skips; turning it off
+    must still work (it was refused as needing the add-on)."""
+    with_addon = (await build(addon=True)).service
+    default = await with_addon.provision_default_key(ACCOUNT)
+    await with_addon.lifecycle.update_rotation_policy(USER, default.key_id, enabled=True,
+                                                      interval=None)
+    without = (await build(addon=False)).service  # The same database, the add-on gone.
+    off = await without.lifecycle.update_rotation_policy(USER, default.key_id,
+                                                         enabled=False, interval=None)
+    assert off.rotation_interval is None
+    with pytest.raises(UnsupportedOperation, match="add-on"):
+        await without.lifecycle.update_rotation_policy(USER, default.key_id, enabled=True,
+                                                       interval=None)
+    # With no policy to remove, the full rule still applies.
+    with pytest.raises(UnsupportedOperation, match="add-on"):
+        await without.lifecycle.update_rotation_policy(USER, default.key_id,
+                                                       enabled=False, interval=None)
+
+
 async def test_hardware_rotation_only_symmetric_in_the_encrypted_database(
         build: Build, clock: Clock, hsm: HSMBackend) -> None:
     service = (await build(hsm=hsm)).service

@@ -12,7 +12,7 @@ import pytest
 
 from kms_proxy.backends.software import SoftwareBackend
 from kms_proxy.core.calls import RESOLVED_KEY
-from kms_proxy.core.errors import AccessDenied, AliasNotFound, UnsupportedOperation
+from kms_proxy.core.errors import AccessDenied, AliasNotFound, Throttled, UnsupportedOperation
 from kms_proxy.core.lifecycle import SystemEvent
 from kms_proxy.core.model import Alias, KeyKind, KeyVersion, Principal, PrincipalKind
 from kms_proxy.core.service import KeyService, ServiceConfig
@@ -115,3 +115,29 @@ async def test_a_key_and_its_alias_are_stored_together(service: KeyService,
     keys = await service.list_keys(USER, filters=[("CreatorType", ["Service"])],
                                    page_number=1, page_size=100)
     assert [k.key_id for k in keys.items] == [first.key_id]
+
+
+async def test_default_keys_share_their_accounts_quota(tmp_path: Path) -> None:
+    """The seed: default keys, 1000 ops/s per account, not upgradable. They have no
+    instance, and went unthrottled."""
+    store = SQLiteStore(tmp_path / "quota.db")
+    store.open()
+    software = SoftwareBackend(os.urandom(32))
+    service = KeyService(store=store, backends={k: software for k in (
+        KeyKind.SOFTWARE, KeyKind.DEFAULT_MASTER, KeyKind.SERVICE)},
+        config=ServiceConfig(region="cn-hangzhou", regions=("cn-hangzhou",),
+                             default_instances={}, default_keys_qps=3))
+    default = await service.provision_default_key(ACCOUNT)
+    other = Principal("6543210987654321", "oss", PrincipalKind.SERVICE, "oss")
+    await service.provision_default_key(other.account_id)
+    outcomes = []
+    for ref in (default.key_id, "alias/acs/oss", default.key_id, "alias/acs/oss"):
+        try:
+            outcomes.append((await service.encrypt(OSS, ref, b"x", None)).key_id)
+        except Throttled:
+            outcomes.append("throttled")
+    # The service key's first use also creates it; the bucket is shared by both keys.
+    assert "throttled" not in outcomes[:3] and outcomes[3] == "throttled"
+    # Another account has its own quota.
+    assert (await service.encrypt(other, "alias/acs/oss", b"x", None)).key_id
+    store.close()
