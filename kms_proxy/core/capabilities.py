@@ -308,8 +308,12 @@ class RotationRule:
 
 # OpenAPI reference section 2.7: software keys 7-365 d, default keys 365 d only; symmetric
 # keys only, KMS-generated material only (imported material never rotates). Hardware keys
-# rotate only in HsmEncryptedDatabase (CreateKey text); the reference gives no interval for
-# them, so they take the software keys' bounds. Service keys follow the default key.
+# rotate only in HsmEncryptedDatabase: the CreateKey text ("HsmInternal ... does not support
+# rotation") and the issue say so. The seed's Chinese table reads "only when stored in the
+# HSM and symmetric" (仅数据存储于密码机且为对称密钥时支持), which the digest repeats;
+# the two disagree, and the API's own word decides (README). The reference gives no
+# interval for hardware keys, so they take the software keys' bounds. Service keys follow
+# the default key.
 ROTATION_RULES: Final[Mapping[KeyKind, RotationRule]] = MappingProxyType({
     KeyKind.SOFTWARE: RotationRule(7 * _DAY, 365 * _DAY),
     KeyKind.HARDWARE: RotationRule(7 * _DAY, 365 * _DAY,

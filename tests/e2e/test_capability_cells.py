@@ -47,7 +47,9 @@ LIFECYCLE = {
     "default master key": ("with the add-on", "yes", "yes", "only when first enabled", "no"),
     "service key": ("with the add-on", "no", "no", "no", "no"),
     "software key": ("symmetric only", "yes", "yes", "yes", "yes"),
-    "hardware key": ("symmetric, stored in the HSM", "yes", "yes", "yes", "no"),
+    # The seed says "symmetric and stored in the HSM only"; the API text (and the issue)
+    # allow it only for HsmEncryptedDatabase, which is what is checked (README).
+    "hardware key": ("symmetric, HsmEncryptedDatabase", "yes", "yes", "yes", "no"),
     "external key": ("no", "yes", "yes", "no", "no"),
 }
 LIFECYCLE_COLUMNS = ("rotation", "scheduled deletion", "deletion protection", "BYOK import",
@@ -207,7 +209,7 @@ def rotation(w: World, kind: str, cell: str) -> None:
             key_id=key_id, enable_automatic_rotation=True, rotation_interval="365d"))
         assert w.state(key_id, 1).automatic_rotation == "Enabled"
         return
-    # "symmetric only" / "symmetric, stored in the HSM": the symmetric subject rotates (the
+    # "symmetric only" / "symmetric, HsmEncryptedDatabase": the symmetric subject rotates (the
     # hardware subject is HsmEncryptedDatabase) ...
     key_id = w.subject(kind)
     before = user.encrypt(m.EncryptRequest(key_id=key_id, plaintext="v1")).body
