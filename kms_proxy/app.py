@@ -357,7 +357,7 @@ def create_app(config: Config) -> web.Application:
                 await service.add_instance(Instance(
                     instance_id=instance.id, account_id=instance.account_id,
                     region=config.region, type=instance.type, name=instance.name,
-                    spec_qps=instance.spec_qps,
+                    spec_qps=instance.spec_qps, key_quota=instance.key_quota,
                     created=existing.created if existing else audit.now()[:19] + "Z"))
             service.lifecycle.on_event = _audit_system(audit)
             for account in config.accounts:

@@ -88,6 +88,8 @@ class InstanceConfig:
     name: str
     spec_qps: int
     xki: XKIConfig | None = None
+    # Key versions the instance may hold (reference section 9: 1000 by default).
+    key_quota: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,12 +273,14 @@ def parse(data: dict[str, object], base: Path) -> Config:
         instance = InstanceConfig(id=n.get("id", str, required=True),
                                   account_id=n.get("account_id", str, required=True),
                                   type=InstanceType(kind), name=n.get("name", str, "kms"),
-                                  spec_qps=n.get("spec_qps", int, 1000))
+                                  spec_qps=n.get("spec_qps", int, 1000),
+                                  key_quota=n.get("key_quota", int, 1000))
         if instance.type is InstanceType.EXTERNAL:
             instance = replace(instance, xki=_xki(n.table("xki")))
         n.check(bool(_INSTANCE.fullmatch(instance.id)), "id", "must look like kst-...")
         n.check(instance.account_id in account_ids, "account_id", "names no account")
         n.check(instance.spec_qps > 0, "spec_qps", "must be positive")
+        n.check(instance.key_quota > 0, "key_quota", "must be positive")
         if n.get("default", bool, False):
             n.check(instance.account_id not in defaults, "default",
                     "is set twice for one account")

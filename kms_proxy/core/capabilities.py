@@ -75,6 +75,7 @@ class Op(StrEnum):
     GET_PUBLIC_KEY = "GetPublicKey"
     LIST_KMS_INSTANCES = "ListKmsInstances"
     GET_KMS_INSTANCE = "GetKmsInstance"
+    GET_KMS_INSTANCE_QUOTA_INFOS = "GetKmsInstanceQuotaInfos"
     DESCRIBE_REGIONS = "DescribeRegions"
     SCHEDULE_KEY_DELETION = "ScheduleKeyDeletion"
     CANCEL_KEY_DELETION = "CancelKeyDeletion"
@@ -252,7 +253,8 @@ _READ_OPS: Final = frozenset({
 # crypto of server-side encryption and reads. Managing keys (creating, rotating, deleting,
 # importing, backing up) is the account's users' business.
 _SERVICE_PRINCIPAL_OPS: Final = _SSE_OPS | _READ_OPS | {
-    Op.GET_KMS_INSTANCE, Op.LIST_KMS_INSTANCES, Op.DESCRIBE_REGIONS}
+    Op.GET_KMS_INSTANCE, Op.GET_KMS_INSTANCE_QUOTA_INFOS, Op.LIST_KMS_INSTANCES,
+    Op.DESCRIBE_REGIONS}
 
 
 def require_principal(op: Op, principal: PrincipalKind, arn: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import logging
 import uuid
 from base64 import b64decode, b64encode
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from kms_proxy.core.errors import (
     InvalidParameter,
     KeyNotFound,
     KeyVersionNotFound,
+    LimitExceeded,
     MissingParameter,
     UnsupportedOperation,
 )
@@ -54,6 +56,8 @@ from kms_proxy.store.base import Store, StoreConflict
 
 __all__ = ["KeyLifecycle", "ServiceCore", "SystemEvent", "format_time", "next_rotation",
            "parse_time", "system_principal"]
+
+log = logging.getLogger(__name__)
 
 _TIME: Final = "%Y-%m-%dT%H:%M:%SZ"
 # Imported material sizes (reference section 2.5: 256 bits for AES-256, 128 for SM4).
@@ -106,6 +110,9 @@ class ServiceCore(Protocol):
     def clock(self) -> Callable[[], datetime]: ...
 
     def _backend(self, kind: KeyKind, instance_id: str | None) -> KeyBackend: ...
+
+    def adding_versions(self, instance_id: str | None,
+                        count: int) -> AbstractAsyncContextManager[None]: ...
 
     def _call(self, principal: Principal, op: Op, key_arn: str) -> CallInfo: ...
 
@@ -179,14 +186,16 @@ class KeyLifecycle:
             return await self._rotate(key, principal)
 
     async def _rotate(self, key: Key, principal: Principal) -> KeyVersion:
+        """:raises LimitExceeded: when the instance's key quota has no room."""
         version_id = str(uuid.uuid4())
-        material = await self._s._backend(key.kind, key.instance_id).generate(
-            version_id=version_id, spec=key.spec, storage=key.storage_mechanism,
-            call=self._s._call(principal, Op.CREATE_KEY_VERSION, key.arn))
-        now = format_time(self._s.clock())
-        version = KeyVersion(key.key_id, version_id, now, material)
-        await self._s._save(dataclasses.replace(key, primary_version_id=version_id,
-                                             last_rotation=now), [version])
+        async with self._s.adding_versions(key.instance_id, 1):
+            material = await self._s._backend(key.kind, key.instance_id).generate(
+                version_id=version_id, spec=key.spec, storage=key.storage_mechanism,
+                call=self._s._call(principal, Op.CREATE_KEY_VERSION, key.arn))
+            now = format_time(self._s.clock())
+            version = KeyVersion(key.key_id, version_id, now, material)
+            await self._s._save(dataclasses.replace(key, primary_version_id=version_id,
+                                                 last_rotation=now), [version])
         return version
 
     def check_rotation_interval(self, key: Key, interval: int | None,
@@ -401,7 +410,8 @@ class KeyLifecycle:
         if key.state is KeyState.PENDING_DELETION:
             key = dataclasses.replace(key, state=KeyState.DISABLED, delete_date=None)
         try:
-            await self._s._store.create_key(key, versions, tags)
+            async with self._s.adding_versions(key.instance_id, len(versions)):
+                await self._s._store.create_key(key, versions, tags)
         except StoreConflict:
             raise InvalidParameter("KeyBackup", f"the key {key.key_id} (or one of its "
                                                 "versions) exists") from None
@@ -470,7 +480,13 @@ class KeyLifecycle:
                                      addon=self._has_addon(settled))
                 except UnsupportedOperation:
                     continue  # e.g. the account dropped the add-on: the policy waits.
-                version = await self._rotate(settled, system_principal(settled.account_id))
+                try:
+                    version = await self._rotate(settled,
+                                                 system_principal(settled.account_id))
+                except LimitExceeded as exc:
+                    # One full instance must not stop the sweep for every other key.
+                    log.warning("automatic rotation of %s waits: %s", settled.key_id, exc)
+                    continue
                 self._emit(SystemEvent("CreateKeyVersion", settled, version.version_id),
                            events)
         return events

@@ -134,6 +134,8 @@ class Instance:
     # Computing performance: the symmetric-operation QPS the instance is sold with.
     spec_qps: int
     created: str
+    # Its key quota, counted in key versions (reference section 9: 1000 by default).
+    key_quota: int = 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from kms_proxy.core.errors import (
     InvalidParameter,
     KeyNotFound,
     KeyVersionNotFound,
+    LimitExceeded,
     MissingParameter,
     Throttled,
     Unsupported,
@@ -121,7 +122,8 @@ class DataKey:
 @dataclass(frozen=True, slots=True)
 class InstanceView:
     instance: Instance
-    key_count: int
+    # Key versions held: what the instance's key quota counts.
+    versions_used: int
     status: str
 
 
@@ -169,6 +171,7 @@ class KeyService:
         self._versions: dict[str, KeyVersion] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._default_key_buckets: dict[str, TokenBucket] = {}
+        self._quota_locks: dict[str, asyncio.Lock] = {}
         # Backends bound to one instance (each external instance has its own EKM
         # connection); they take precedence over the per-kind backends.
         self._instance_backends: dict[str, KeyBackend] = {}
@@ -240,6 +243,26 @@ class KeyService:
                 require(key.kind, op, principal.kind)
                 require_state(key.state, op)
             yield key
+
+    @contextlib.asynccontextmanager
+    async def adding_versions(self, instance_id: str | None, count: int
+                              ) -> AsyncIterator[None]:
+        """Room for ``count`` more key versions in the instance's key quota, held until
+        the block (which stores them) ends: one writer per instance at a time, so two
+        CreateKeys at the edge cannot both pass. Keys outside instances have no quota.
+
+        :raises LimitExceeded:"""
+        if instance_id is None:
+            yield
+            return
+        async with self._quota_locks.setdefault(instance_id, asyncio.Lock()):
+            instance = await self._store.get_instance(instance_id)
+            quota = instance.key_quota if instance is not None else 0
+            used = await self._store.count_instance_versions(instance_id)
+            if used + count > quota:
+                raise LimitExceeded(f"the key quota of instance {instance_id} ({used} of "
+                                    f"{quota} key versions used)")
+            yield
 
     async def _version(self, version_id: str) -> KeyVersion | None:
         version = self._versions.get(version_id)
@@ -417,10 +440,9 @@ class KeyService:
         instance = await self._store.get_instance(instance_id)
         if instance is None or instance.account_id != principal.account_id:
             raise InstanceNotFound(instance_id)
-        keys = await self._store.list_keys(principal.account_id, self.region)
-        count = sum(1 for k in keys if k.instance_id == instance_id)
+        used = await self._store.count_instance_versions(instance_id)
         status = self._instance_status.get(instance_id, lambda: "Connected")()
-        return InstanceView(instance=instance, key_count=count, status=status)
+        return InstanceView(instance=instance, versions_used=used, status=status)
 
     def describe_regions(self) -> Sequence[str]:
         return self._config.regions
@@ -502,12 +524,13 @@ class KeyService:
         elif rotation_interval is not None:
             raise InvalidParameter("RotationInterval",
                                    "applies only with EnableAutomaticRotation true")
-        material = b"" if imported else await self._backend(kind, instance_id).generate(
-            version_id=version_id, spec=spec, storage=storage,
-            external_key_id=external_key_id,
-            call=self._call(principal, Op.CREATE_KEY, key.arn))
-        await self._store.create_key(
-            key, [KeyVersion(key_id, version_id, created, material)], tags)
+        async with self.adding_versions(instance_id, 1):
+            material = b"" if imported else await self._backend(kind, instance_id).generate(
+                version_id=version_id, spec=spec, storage=storage,
+                external_key_id=external_key_id,
+                call=self._call(principal, Op.CREATE_KEY, key.arn))
+            await self._store.create_key(
+                key, [KeyVersion(key_id, version_id, created, material)], tags)
         return key
 
     async def describe_key(self, principal: Principal, key_ref: str) -> Key:

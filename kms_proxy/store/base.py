@@ -35,6 +35,10 @@ class Store(Protocol):
 
     async def get_key(self, key_id: str) -> Key | None: ...
 
+    async def count_instance_versions(self, instance_id: str) -> int:
+        """Key versions held by the keys of an instance (what its key quota counts)."""
+        ...
+
     async def update_key(self, key: Key, versions: Sequence[KeyVersion] = (), *,
                          expected_revision: int) -> None:
         """Replace a key's metadata (its id, account and region do not change) and insert or

@@ -150,6 +150,12 @@ class SQLiteStore:
                (a.account_id, a.region, a.name, a.key_id)) for a in aliases],
         ])
 
+    async def count_instance_versions(self, instance_id: str) -> int:
+        row = self.db.execute(
+            "SELECT COUNT(*) FROM key_versions JOIN keys USING (key_id) "
+            "WHERE json_extract(keys.data, '$.instance_id') = ?", (instance_id,)).fetchone()
+        return int(row[0])
+
     async def get_key(self, key_id: str) -> Key | None:
         row = self.db.execute("SELECT data FROM keys WHERE key_id = ?", (key_id,)).fetchone()
         return _key(row[0]) if row else None

@@ -655,9 +655,28 @@ async def test_instances_and_regions(kms: Kms, client: Client, sig: str) -> None
     assert (listed.total_count, listed.page_number, listed.page_size) == (1, 1, 20)
     got = (await kms.sdk(client, "get_kms_instance", models.GetKmsInstanceRequest(
         kms_instance_id=INSTANCE_A))).kms_instance
+    # KeyNum is the instance's key quota (1000 by default), not the keys in use.
     assert (got.instance_id, got.instance_name, got.spec, got.key_num) == (
-        INSTANCE_A, "software-a", 100000, 2)
+        INSTANCE_A, "software-a", 100000, 1000)
     assert got.status == "Connected"
+    # Its use, counted in key versions: two keys, then one rotation.
+    key_id = (await create_key(kms, client)).key_id
+    await kms.sdk(client, "create_key_version", models.CreateKeyVersionRequest(key_id=key_id))
+    quotas = await kms.sdk(client, "get_kms_instance_quota_infos",
+                           models.GetKmsInstanceQuotaInfosRequest(kms_instance_id=INSTANCE_A))
+    assert quotas.kms_instance_id == INSTANCE_A
+    assert {q.resource_type: (q.resource_quota, q.used_quantity)
+            for q in quotas.kms_instance_quota_infos} == {
+        "key": (1000, 4), "secret": (0, 0), "qps": (100000, 0), "vpc": (1, 0)}
+    [key_quota] = (await kms.sdk(client, "get_kms_instance_quota_infos",
+                                 models.GetKmsInstanceQuotaInfosRequest(
+                                     kms_instance_id=INSTANCE_A, resource_type="key"))
+                   ).kms_instance_quota_infos
+    assert (key_quota.resource_type, key_quota.used_quantity) == ("key", 4)
+    bad = await kms.sdk_error(client, "get_kms_instance_quota_infos",
+                              models.GetKmsInstanceQuotaInfosRequest(
+                                  kms_instance_id=INSTANCE_A, resource_type="cpu"))
+    assert_error(bad, 400, "InvalidParameter")
     # Billing codes as Alibaba reports them: pay-as-you-go on the China site (cn-hangzhou);
     # BSS CreateInstance's ProductVersion 3 is a software key management instance.
     assert (got.charge_type, got.product_type, got.product_version) == (
@@ -667,7 +686,7 @@ async def test_instances_and_regions(kms: Kms, client: Client, sig: str) -> None
     assert [i.kms_instance_id for i in listed_b.kms_instances.kms_instance] == [INSTANCE_B]
     got_b = (await kms.sdk(other, "get_kms_instance", models.GetKmsInstanceRequest(
         kms_instance_id=INSTANCE_B))).kms_instance
-    assert got_b.key_num == 0
+    assert got_b.key_num == 1000
     hidden = await kms.sdk_error(other, "get_kms_instance", models.GetKmsInstanceRequest(
         kms_instance_id=INSTANCE_A))
     assert_error(hidden, 403, "Forbidden.DKMSInstanceNotFound")

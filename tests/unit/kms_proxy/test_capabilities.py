@@ -82,7 +82,7 @@ def test_migrated_keys_allow_only_reads() -> None:
                   Op.LIST_RESOURCE_TAGS, Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION):
             require(KeyKind.MIGRATED, op, PrincipalKind.USER)
         elif op not in (Op.CREATE_KEY, Op.LIST_KMS_INSTANCES, Op.GET_KMS_INSTANCE,
-                        Op.DESCRIBE_REGIONS):
+                        Op.GET_KMS_INSTANCE_QUOTA_INFOS, Op.DESCRIBE_REGIONS):
             with pytest.raises(UnsupportedOperation, match="read-only"):
                 require(KeyKind.MIGRATED, op, PrincipalKind.USER)
 
@@ -134,7 +134,8 @@ def test_every_cell_of_the_state_table(op: Op, state: KeyState, code: str | None
 
 def test_every_op_has_a_state_row() -> None:
     missing = {op for op in Op if op not in STATE_RULES} - {
-        Op.LIST_KMS_INSTANCES, Op.GET_KMS_INSTANCE, Op.DESCRIBE_REGIONS}
+        Op.LIST_KMS_INSTANCES, Op.GET_KMS_INSTANCE, Op.GET_KMS_INSTANCE_QUOTA_INFOS,
+        Op.DESCRIBE_REGIONS}
     assert missing == set()
 
 
@@ -153,7 +154,7 @@ SERVICE_MAY = {Op.ENCRYPT, Op.DECRYPT, Op.GENERATE_DATA_KEY,
                Op.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT, Op.RE_ENCRYPT, Op.DESCRIBE_KEY,
                Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID, Op.LIST_RESOURCE_TAGS,
                Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION, Op.GET_KMS_INSTANCE,
-               Op.LIST_KMS_INSTANCES, Op.DESCRIBE_REGIONS}
+               Op.GET_KMS_INSTANCE_QUOTA_INFOS, Op.LIST_KMS_INSTANCES, Op.DESCRIBE_REGIONS}
 
 
 @pytest.mark.parametrize("op", list(Op), ids=[o.value for o in Op])

@@ -44,6 +44,7 @@ from kms_proxy.core.errors import (
     InvalidParameter,
     KeyNotFound,
     KeyStateInvalid,
+    LimitExceeded,
     Unsupported,
     UnsupportedOperation,
 )
@@ -422,6 +423,45 @@ async def test_a_policy_outlives_the_addon_but_can_be_turned_off(build: Build) -
     with pytest.raises(UnsupportedOperation, match="add-on"):
         await without.lifecycle.update_rotation_policy(USER, default.key_id,
                                                        enabled=False, interval=None)
+
+
+async def test_an_instances_key_quota_counts_key_versions(build: Build,
+                                                          clock: Clock) -> None:
+    """Reference section 9: an instance holds 1000 keys by default, counted in key versions.
+    CreateKey, CreateKeyVersion and RestoreKeyBackup stop at it; automatic rotation waits
+    without stopping the sweep; deleting a key makes room."""
+    env = await build()
+    service = env.service
+    await service.add_instance(Instance(
+        instance_id=SOFTWARE_INSTANCE, account_id=ACCOUNT, region=REGION,
+        type=InstanceType.SOFTWARE, name="small", spec_qps=1000,
+        created="2025-01-01T00:00:00Z", key_quota=4))
+    # Five at once against four places: the check and the insert are one step.
+    made = await asyncio.gather(*(create(service) for _ in range(5)), return_exceptions=True)
+    refused = [r for r in made if isinstance(r, LimitExceeded)]
+    keys = [r for r in made if isinstance(r, Key)]
+    assert (len(keys), len(refused)) == (4, 1)
+    assert "4 of 4 key versions" in str(refused[0])
+    with pytest.raises(LimitExceeded):
+        await service.lifecycle.create_key_version(USER, keys[0].key_id)
+    _, backup = await service.lifecycle.backup_key(USER, keys[1].key_id)
+    await service.lifecycle.update_rotation_policy(USER, keys[2].key_id, enabled=True,
+                                                   interval=7 * DAY_S)
+    clock.advance(8 * DAY)
+    assert await sweep(service) == []  # The rotation waits; the sweep goes on.
+    view = await service.get_kms_instance(USER, SOFTWARE_INSTANCE)
+    assert (view.versions_used, view.instance.key_quota) == (4, 4)
+
+    await service.lifecycle.schedule_key_deletion(USER, keys[1].key_id, 7)
+    clock.advance(7 * DAY)
+    # (Whether the rotation comes in the deleting sweep depends on the order of the keys.)
+    done = await sweep(service) + await sweep(service)
+    assert sorted(done) == sorted([("DeleteKey", keys[1].key_id),
+                                   ("CreateKeyVersion", keys[2].key_id)])
+    # The freed place went to the waiting rotation, so the backup cannot come back.
+    assert (await service.get_kms_instance(USER, SOFTWARE_INSTANCE)).versions_used == 4
+    with pytest.raises(LimitExceeded):
+        await service.lifecycle.restore_key_backup(USER, backup)
 
 
 async def test_hardware_rotation_only_symmetric_in_the_encrypted_database(
