@@ -5,7 +5,9 @@ This is the one module that touches ``pkcs11`` sessions and the one place where
 decide between them (README, performance notes):
 
 - ``inline``: calls run on the event loop thread with one session. SoftHSM's AES-GCM on a
-  few KB costs tens of microseconds, less than a hop to a thread and back.
+  few KB costs tens of microseconds, less than a hop to a thread and back. A call marked
+  ``slow`` (key-pair generation: over a second for RSA-3072) runs on a thread instead, and
+  while it holds the module, inline calls wait for it on threads too, not on the loop.
 - ``threads``: calls run on a bounded thread pool with one session per worker thread, so
   a slow call (RSA signing, key generation, a remote HSM) does not stall the loop. Calls
   into the module are still serialised (see ``_MODULE_LOCKS``): SoftHSM2 as python-pkcs11
@@ -18,6 +20,8 @@ a session it keeps open for its whole life, and every other session inherits the
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import threading
 from collections.abc import Callable
@@ -174,6 +178,45 @@ def aes_gcm(key: Any, data: bytes, *, iv: bytes, aad: bytes, decrypt: bool) -> b
                            mechanism_param=pkcs11.GCMParams(iv, aad, 128)))
 
 
+def _openssl_error_clearers() -> list[Callable[[], None]]:
+    """``ERR_clear_error`` of every libcrypto mapped into this process.
+
+    SoftHSM reports RSA failures (a bad PSS signature, a wrong OAEP padding) through
+    OpenSSL and leaves them on OpenSSL's per-thread error queue. When that libcrypto is
+    also the one Python's ssl module uses (Debian: one libcrypto.so.3), the next TLS read
+    on that thread (in inline mode the event loop's) finds the stale error and fails: the
+    server dropped another client's connection. Clearing the queue after each call into the
+    module costs well under a microsecond.
+    """
+    paths: list[str] = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if "/libcrypto" in path and path not in paths:
+                    paths.append(path)
+    except OSError:  # Not Linux: the library by its usual name, if there is one.
+        found = ctypes.util.find_library("crypto")
+        paths = [found] if found else []
+    clearers: list[Callable[[], None]] = []
+    for path in paths:
+        try:
+            clear = ctypes.CDLL(path).ERR_clear_error
+        except (OSError, AttributeError):
+            continue
+        clear.restype, clear.argtypes = None, []
+        clearers.append(clear)
+    return clearers
+
+
+_clear_errors: list[Callable[[], None]] = []
+
+
+def _clear_openssl_errors() -> None:
+    for clear in _clear_errors:
+        clear()
+
+
 # python-pkcs11 initialises the module with C_Initialize(NULL), which tells SoftHSM2 that
 # the application is single-threaded, so SoftHSM turns its own locking off; and
 # python-pkcs11 releases the GIL around every call. Two threads inside the module at once
@@ -203,6 +246,8 @@ class PKCS11Pool:
         self._local = threading.local()
         self._pending = 0
         self._module_lock = _module_lock(config.module)
+        # Bumped by each eviction in threads mode: every worker then opens a new session.
+        self._epoch = 0
 
     @property
     def mode(self) -> DispatchMode:
@@ -227,6 +272,11 @@ class PKCS11Pool:
             raise HSMUnavailable(f"no token labelled {self._config.token_label!r}") from None
         except p11e.PKCS11Error as exc:
             raise HSMUnavailable(f"cannot load {self._config.module}: {exc}") from None
+        finally:
+            # Now that the module (and whatever libcrypto it links) is loaded; C_Initialize
+            # itself leaves an error behind.
+            _clear_errors[:] = _openssl_error_clearers()
+            _clear_openssl_errors()
         self._login = SessionContext(self._open_session(login=True))
         if self._config.mode is DispatchMode.THREADS:
             self._executor = ThreadPoolExecutor(
@@ -238,14 +288,22 @@ class PKCS11Pool:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         if self._login is not None:
-            _close_quietly(self._login.session)
+            with self._module_lock:
+                _close_quietly(self._login.session)
             self._login = None
+        self._token = None
 
     def _open_session(self, *, login: bool) -> Any:
-        with _module_lock(self._config.module):
+        with self._module_lock:
             return self._open_session_locked(login=login)
 
     def _open_session_locked(self, *, login: bool) -> Any:
+        try:
+            return self._open_session_raw(login=login)
+        finally:
+            _clear_openssl_errors()
+
+    def _open_session_raw(self, *, login: bool) -> Any:
         try:
             if login:
                 try:
@@ -271,31 +329,64 @@ class PKCS11Pool:
             if isinstance(token.serial, bytes | bytearray) else str(token.serial).strip(),
         }
 
-    def _thread_context(self) -> SessionContext:
+    def _login_context_locked(self) -> SessionContext:
+        """The login session; reopened here if an eviction could not (the token was
+        still away). :raises HSMUnavailable: while it is."""
+        if self._token is None:
+            raise RuntimeError("pool used outside its context")
+        if self._login is None:
+            self._login = SessionContext(self._open_session_locked(login=True))
+        return self._login
+
+    def _thread_context_locked(self) -> SessionContext:
         ctx: SessionContext | None = getattr(self._local, "ctx", None)
-        if ctx is None:
-            ctx = self._local.ctx = SessionContext(self._open_session(login=False))
+        if ctx is None or getattr(self._local, "epoch", None) != self._epoch:
+            self._login_context_locked()  # Worker sessions inherit its login.
+            ctx = self._local.ctx = SessionContext(self._open_session_locked(login=False))
+            self._local.epoch = self._epoch
         return ctx
 
     def _evict(self, ctx: SessionContext, cause: Exception) -> None:
-        log.warning("evicting a PKCS#11 session after %s", type(cause).__name__)
-        if self._config.mode is DispatchMode.THREADS:
-            self._local.ctx = None
-            _close_quietly(ctx.session)
-        else:
-            # The inline session is also the login session: reopen and log in again.
-            _close_quietly(ctx.session)
-            self._login = SessionContext(self._open_session(login=True))
+        """Close a session the token no longer vouches for and log in again, under the
+        module lock (closing is a call into the module too).
 
-    def _call(self, fn: Callable[[SessionContext], T], decrypting: bool) -> T:
-        if self._config.mode is DispatchMode.THREADS:
-            ctx = self._thread_context()
-        else:
-            assert self._login is not None, "pool used outside its context"
-            ctx = self._login
+        A token that lost its sessions (a restart, a failover) also lost the login, and
+        sessions opened afterwards inherit none: the login session is reopened in both
+        modes. Closing comes before opening: after a reset the token hands out the dead
+        sessions' handle numbers again, so closing a dead handle later could close a new
+        session. For the same reason the other workers' sessions are dropped, not closed
+        (``_epoch``): at worst a worker's live session stays open until the process ends.
+        """
+        log.warning("evicting a PKCS#11 session after %s", type(cause).__name__)
+        with self._module_lock:
+            if self._config.mode is DispatchMode.THREADS:
+                self._local.ctx = None
+                self._epoch += 1
+                _close_quietly(ctx.session)
+            old, self._login = self._login, None
+            if old is not None:  # In inline mode, ``ctx`` itself.
+                _close_quietly(old.session)
+            try:
+                self._login_context_locked()
+            except HSMUnavailable:
+                log.warning("the token refuses a new session for now; the next call retries")
+
+    def _call(self, fn: Callable[[SessionContext], T], decrypting: bool, *,
+              locked: bool = False) -> T:
+        """``fn(ctx)`` under the module lock; ``locked``: the caller took it already (it is
+        released here all the same)."""
         try:
-            with self._module_lock:
+            if not locked:
+                self._module_lock.acquire()
+            try:
+                if self._config.mode is DispatchMode.THREADS:
+                    ctx = self._thread_context_locked()
+                else:
+                    ctx = self._login_context_locked()
                 return fn(ctx)
+            finally:
+                _clear_openssl_errors()
+                self._module_lock.release()
         except _DATA_ERRORS as exc:
             raise HSMDataInvalid(type(exc).__name__) from None
         except (p11e.GeneralError, p11e.FunctionFailed) as exc:
@@ -320,15 +411,21 @@ class PKCS11Pool:
             self._evict(ctx, exc)
             raise HSMError(type(exc).__name__) from None
 
-    async def run(self, fn: Callable[[SessionContext], T], *, decrypting: bool = False) -> T:
+    async def run(self, fn: Callable[[SessionContext], T], *, decrypting: bool = False,
+                  slow: bool = False) -> T:
         """Run ``fn(context)`` with a logged-in session.
 
-        ``decrypting`` marks calls where vendor "general" errors mean invalid ciphertext.
+        ``decrypting`` marks calls where vendor "general" errors mean invalid ciphertext;
+        ``slow`` ones (key-pair generation) never run on the event loop.
 
         :raises HSMError: (or a subclass) for any PKCS#11 failure.
         """
         if self._executor is None:
-            return self._call(fn, decrypting)
+            if not slow and self._module_lock.acquire(blocking=False):
+                return self._call(fn, decrypting, locked=True)
+            # A slow call, or the module is busy with one (or with another pool's call in a
+            # thread): wait on a thread, not on the loop.
+            return await asyncio.to_thread(self._call, fn, decrypting)
         # Only the event loop thread touches the counter, so it needs no lock.
         if self._pending >= self._config.max_pending:
             raise HSMPoolExhausted(f"{self._pending} PKCS#11 calls already waiting")

@@ -290,13 +290,15 @@ class HSMBackend:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[[SessionContext], T], *, decrypting: bool = False) -> T:
+    async def _run(self, fn: Callable[[SessionContext], T], *, decrypting: bool = False,
+                   slow: bool = False) -> T:
         """Run ``fn`` on a pool session and turn HSM errors into the core's.
 
-        With ``decrypting``, input the token rejects is ``InvalidCiphertext``.
+        With ``decrypting``, input the token rejects is ``InvalidCiphertext``; ``slow`` calls
+        (key-pair generation) stay off the event loop (``PKCS11Pool.run``).
         """
         try:
-            return await self._pool.run(fn, decrypting=decrypting)
+            return await self._pool.run(fn, decrypting=decrypting, slow=slow)
         except HSMDataInvalid:
             if decrypting:
                 raise InvalidCiphertext() from None
@@ -310,11 +312,13 @@ class HSMBackend:
         except HSMKeyMissing as exc:
             # A cached object handle went stale (the pool said ObjectHandleInvalid) or a key
             # is gone: every session starts its cache afresh on its next call, in its own
-            # thread.
+            # thread. The labels it names are the token's internals: logged, not answered.
             with self._sessions_lock:
                 for keys in self._sessions.values():
                     keys.stale = True
-            raise DependencyUnavailable("hsm", str(exc)) from None
+            log.warning("hsm key object missing: %s", exc)
+            raise DependencyUnavailable("hsm", "a key object is missing from the token; "
+                                               "the call may be retried") from None
         except HSMError as exc:
             # The pool's messages name PKCS#11 return values only, never data.
             raise DependencyUnavailable("hsm", str(exc) or type(exc).__name__) from None
@@ -443,12 +447,14 @@ class HSMBackend:
             raise InvalidParameter("ExternalKeyId", "applies to external keys only")
         if spec not in _AES_BITS and spec not in _RSA_BITS and spec not in _EC_CURVES:
             raise UnsupportedOperation(f"the hsm backend cannot make {spec} keys")
+        # Key pairs take the token a while (RSA-3072 with SoftHSM: over a second).
+        slow = spec not in _AES_BITS
         if storage is None or storage is KeyStorageMechanism.HSM_INTERNAL:
-            await self._run(lambda ctx: _generate_internal(ctx, version_id, spec))
+            await self._run(lambda ctx: _generate_internal(ctx, version_id, spec), slow=slow)
             return _INTERNAL + version_id.encode("ascii")
         if spec in _AES_BITS:
             return await self._run(self._generate_wrapped_secret(version_id, spec))
-        return await self._run(self._generate_wrapped_pair(version_id, spec))
+        return await self._run(self._generate_wrapped_pair(version_id, spec), slow=slow)
 
     def _bound_record(self, ctx: SessionContext, version_id: str, prefix: bytes,
                       body: bytes) -> bytes:
@@ -507,12 +513,21 @@ class HSMBackend:
         template: dict[Attribute, Any] = {
             Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
             Attribute.VALUE: material, Attribute.ENCRYPT: True, Attribute.DECRYPT: True,
+            # Every other usage off, as a generated key has them: left to the token's
+            # defaults, a key whose material its owner knows could wrap (export) or unwrap
+            # other keys of the token.
+            Attribute.WRAP: False, Attribute.UNWRAP: False, Attribute.SIGN: False,
+            Attribute.VERIFY: False, Attribute.DERIVE: False,
             **(_SENSITIVE if internal else _WRAPPABLE), Attribute.TOKEN: internal}
         if internal:
             template.update({Attribute.LABEL: version_id,
                              Attribute.ID: version_id.encode("ascii")})
 
         def create(ctx: SessionContext) -> bytes:
+            if internal:
+                # Left by an earlier try whose database write failed: a version without
+                # stored material owns no live object (two would make the key unusable).
+                _destroy_labelled(ctx, version_id)
             key = ctx.session.create_object(template)
             if internal:
                 return _INTERNAL + version_id.encode("ascii")
@@ -538,12 +553,7 @@ class HSMBackend:
         self._public.pop(version.version_id, None)
         label = version.version_id
 
-        def delete(ctx: SessionContext) -> None:
-            for obj in list(ctx.session.get_objects({Attribute.LABEL: label,
-                                                     Attribute.TOKEN: True})):
-                obj.destroy()
-
-        await self._run(delete)
+        await self._run(lambda ctx: _destroy_labelled(ctx, label))
 
     # -- symmetric ---------------------------------------------------------------------------
 
@@ -803,6 +813,12 @@ def _find_token_key(ctx: SessionContext, ref: str, role: _Role) -> Any:
     if len(found) != 1:
         raise HSMKeyMissing(f"{len(found)} token {role.value} keys match label {ref!r}")
     return found[0]
+
+
+def _destroy_labelled(ctx: SessionContext, label: str) -> None:
+    """Destroy the token objects labelled ``label`` (a version id)."""
+    for obj in list(ctx.session.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True})):
+        obj.destroy()
 
 
 def _generate_internal(ctx: SessionContext, version_id: str, spec: KeySpec) -> None:

@@ -681,3 +681,106 @@ async def test_a_copy_destroyed_behind_its_back_costs_one_call(pool: PKCS11Pool,
     with pytest.raises(DependencyUnavailable):
         await backend.unseal(version, KeySpec.AES_256, sealed, b"", call=CALL)
     assert await backend.unseal(version, KeySpec.AES_256, sealed, b"", call=CALL) == b"x"
+
+
+def _labelled(label: str) -> Any:
+    def find(ctx: SessionContext) -> list[Any]:
+        return list(ctx.session.get_objects({Attribute.LABEL: label, Attribute.TOKEN: True}))
+    return find
+
+
+async def test_an_import_retried_after_a_lost_save_leaves_one_object(
+        backend: HSMBackend, pool: PKCS11Pool) -> None:
+    """An HsmInternal import whose database write failed left its token object behind; the
+    retry made a second one, and every use then met two objects for one version."""
+    version_id, material = str(uuid.uuid4()), os.urandom(32)
+    for _ in range(2):  # The first record is lost with the failed save.
+        record = await backend.import_material(version_id=version_id, spec=KeySpec.AES_256,
+                                               material=material, storage=INTERNAL)
+    assert len(await pool.run(_labelled(version_id))) == 1
+    version = KeyVersion("key-test", version_id, "2024-01-01T00:00:00Z", record)
+    sealed = await backend.seal(version, KeySpec.AES_256, b"data", b"aad", call=CALL)
+    assert await backend.unseal(version, KeySpec.AES_256, sealed, b"aad", call=CALL) == b"data"
+
+
+async def test_imported_material_may_only_encrypt_and_decrypt(backend: HSMBackend,
+                                                              pool: PKCS11Pool) -> None:
+    """Material its owner knows must not wrap (export) or unwrap other keys of the token:
+    left to SoftHSM's defaults, WRAP, UNWRAP, SIGN and VERIFY were true."""
+    version_id = str(uuid.uuid4())
+    await backend.import_material(version_id=version_id, spec=KeySpec.AES_256,
+                                  material=os.urandom(32), storage=INTERNAL)
+
+    def usages(ctx: SessionContext) -> dict[Attribute, bool]:
+        [key] = _labelled(version_id)(ctx)
+        return {a: bool(key[a]) for a in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.WRAP,
+                                          Attribute.UNWRAP, Attribute.SIGN, Attribute.VERIFY,
+                                          Attribute.DERIVE, Attribute.SENSITIVE,
+                                          Attribute.EXTRACTABLE)}
+
+    assert await pool.run(usages) == {
+        Attribute.ENCRYPT: True, Attribute.DECRYPT: True, Attribute.WRAP: False,
+        Attribute.UNWRAP: False, Attribute.SIGN: False, Attribute.VERIFY: False,
+        Attribute.DERIVE: False, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+
+
+@pytest.mark.parametrize("mode", [DispatchMode.INLINE, DispatchMode.THREADS])
+async def test_keys_work_again_after_the_token_lost_its_sessions(
+        hsm_config: HSMConfig, mode: DispatchMode) -> None:
+    """A token restart or failover ends every session and the login. Threads mode reopened
+    worker sessions without logging in again, so every private object stayed invisible
+    (503 for good) until the process restarted."""
+    async with PKCS11Pool(replace(hsm_config, mode=mode, workers=1).pool()) as pool:
+        hsm = HSMBackend(pool, wrapping_key_label=WRAP_LABEL)
+        await hsm.ensure_token_keys()
+        versions = [await new_version(hsm, KeySpec.AES_256, storage) for storage in STORAGES]
+        for version in versions:
+            await hsm.seal(version, KeySpec.AES_256, b"x", b"", call=CALL)
+        with pool._module_lock:
+            pool._lib.reinitialize()
+        for version in versions:
+            outcomes = []
+            for _ in range(3):
+                try:
+                    await hsm.seal(version, KeySpec.AES_256, b"x", b"", call=CALL)
+                    outcomes.append("ok")
+                except DependencyUnavailable as exc:
+                    outcomes.append(f"unavailable: {exc}")
+            # At most the call that met the dead session fails; the next ones work.
+            assert outcomes[1:] == ["ok", "ok"], (mode, version.material[:9], outcomes)
+
+
+async def test_a_missing_object_is_reported_without_token_internals(
+        backend: HSMBackend, pool: PKCS11Pool) -> None:
+    version = await new_version(backend, KeySpec.AES_256, INTERNAL)
+    await pool.run(lambda ctx: [o.destroy() for o in _labelled(version.version_id)(ctx)])
+    with pytest.raises(DependencyUnavailable) as caught:
+        await backend.seal(version, KeySpec.AES_256, b"x", b"", call=CALL)
+    assert version.version_id not in str(caught.value) and "label" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("spec", "storage"), [(KeySpec.RSA_3072, INTERNAL),
+                                               (KeySpec.EC_P256, DATABASE)])
+async def test_key_pairs_are_generated_off_the_event_loop(
+        backend: HSMBackend, monkeypatch: pytest.MonkeyPatch, spec: KeySpec,
+        storage: KeyStorageMechanism) -> None:
+    """Inline mode (the default) ran C_GenerateKeyPair on the event loop: an RSA-3072
+    CreateKey (over a second in SoftHSM) stalled every request of every key kind."""
+    import kms_proxy.backends.hsm as hsm_module
+
+    threads: list[int] = []
+    real = hsm_module._generate_pair
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hsm_module, "_generate_pair", recorded)
+    version = await new_version(backend, spec, storage)
+    assert threads and threading.get_ident() not in threads
+    assert await backend.public_key_pem(version, spec)
+    # Symmetric work stays inline: cheaper than a hop to a thread.
+    aes = await new_version(backend, KeySpec.AES_256, INTERNAL)
+    where: list[int] = []
+    await backend._run(lambda ctx: where.append(threading.get_ident()))
+    assert where == [threading.get_ident()] and aes.material

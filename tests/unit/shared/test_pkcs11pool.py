@@ -149,3 +149,93 @@ async def test_token_info(hsm_config: HSMConfig) -> None:
         info = pool.token_info()
     assert info["label"] == hsm_config.token_label
     assert info["manufacturer"] == "SoftHSM project"
+
+
+def _rsa_pair(label: str) -> Any:
+    def make(ctx: SessionContext) -> None:
+        ctx.session.generate_keypair(KeyType.RSA, 2048, label=label, store=True)
+    return make
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_failed_rsa_check_leaves_no_openssl_error_behind(
+        hsm_config: HSMConfig, mode: DispatchMode) -> None:
+    """SoftHSM leaves a failed RSA operation on OpenSSL's per-thread error queue; in inline
+    mode that is the event loop's thread, whose next TLS read (any client's) then failed."""
+    import ctypes
+    import ctypes.util
+
+    from pkcs11 import Mechanism, ObjectClass
+
+    libcrypto = ctypes.CDLL(ctypes.util.find_library("crypto"))
+    libcrypto.ERR_peek_error.restype = ctypes.c_ulong
+    async with PKCS11Pool(replace(hsm_config, mode=mode).pool()) as pool:
+        await pool.run(_rsa_pair("rsa"))
+
+        def bad_verify(ctx: SessionContext) -> tuple[bool, int]:
+            [public] = ctx.session.get_objects({Attribute.LABEL: "rsa",
+                                                Attribute.CLASS: ObjectClass.PUBLIC_KEY})
+            ok = public.verify(b"\0" * 32, os.urandom(256), mechanism=Mechanism.RSA_PKCS)
+            # What the module left on this thread's queue (cleared after the call returns).
+            return ok, libcrypto.ERR_peek_error()
+
+        ok, left_by_module = await pool.run(bad_verify)
+        assert not ok
+        assert left_by_module != 0  # The hazard is real on this machine's SoftHSM ...
+        if mode is DispatchMode.INLINE:
+            assert libcrypto.ERR_peek_error() == 0  # ... and gone from the loop's thread.
+
+
+async def test_slow_calls_and_the_calls_behind_them_leave_the_loop(
+        hsm_config: HSMConfig) -> None:
+    """Inline mode: a ``slow`` call (key-pair generation) runs on a thread; while it holds
+    the module, an ordinary call waits on a thread too; the event loop never blocks."""
+    loop_thread = threading.get_ident()
+    release, started = threading.Event(), threading.Event()
+    where: dict[str, int] = {}
+    async with PKCS11Pool(hsm_config.pool()) as pool:
+        def slow(ctx: SessionContext) -> None:
+            where["slow"] = threading.get_ident()
+            started.set()
+            assert release.wait(10)
+
+        def quick(ctx: SessionContext) -> int:
+            where["quick"] = threading.get_ident()
+            return len(ctx.session.generate_random(64))
+
+        slow_task = asyncio.create_task(pool.run(slow, slow=True))
+        assert await asyncio.to_thread(started.wait, 10)
+        quick_task = asyncio.create_task(pool.run(quick))
+        for _ in range(20):  # The loop keeps turning while both wait for the module.
+            await asyncio.sleep(0)
+        assert not quick_task.done()
+        release.set()
+        await slow_task
+        assert await quick_task == 8
+        assert where["slow"] != loop_thread and where["quick"] != loop_thread
+        # Uncontended, an ordinary call runs inline again.
+        await pool.run(quick)
+        assert where["quick"] == loop_thread
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_eviction_closes_sessions_under_the_module_lock(
+        hsm_config: HSMConfig, mode: DispatchMode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing a session is a call into the module, which must never run beside another
+    (SoftHSMv2#688)."""
+    import shared.pkcs11pool as pkcs11pool
+
+    async with PKCS11Pool(replace(hsm_config, mode=mode, workers=1).pool()) as pool:
+        held: list[bool] = []
+        real_close = pkcs11pool._close_quietly
+
+        def close_and_record(session: Any) -> None:
+            held.append(pool._module_lock.locked())
+            real_close(session)
+
+        monkeypatch.setattr(pkcs11pool, "_close_quietly", close_and_record)
+        await pool.run(lambda ctx: ctx.session.close())
+        with pytest.raises(HSMUnavailable):
+            await pool.run(lambda ctx: ctx.session.generate_random(8))
+        assert held and all(held)
+        assert len(await pool.run(lambda ctx: ctx.session.generate_random(8))) == 1
