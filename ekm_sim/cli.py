@@ -14,6 +14,7 @@ from ekm_sim.admin import AdminError, KeyAdmin, KeyUsage, init_token
 from ekm_sim.config import Config, ConfigError, load
 from ekm_sim.registry import KeyRegistry, RegistryError
 from shared.pkcs11pool import HSMError, PKCS11Pool
+from shared.serving import supervise
 
 DEFAULT_CONFIG = "ekm-sim.toml"
 
@@ -101,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workdir", type=Path, required=True)
     up.add_argument("--port", type=int, default=0, help="0 picks a free port")
     up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--name", help="the host name clients use (a container's service name): "
+                                   "a SAN of the server certificate and ekm.json's url")
+    up.add_argument("--bind", default="127.0.0.1", help="the address to listen on")
+    up.add_argument("--foreground", action="store_true",
+                    help="stay in the foreground with the server (a container's command)")
     down = dsub.add_parser("down", help="stop the simulator started by dev up")
     down.add_argument("--workdir", type=Path, required=True)
     return parser
@@ -130,7 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ekm_sim import devstack
 
             if args.action == "up":
-                info = devstack.up(args.workdir, port=args.port, workers=args.workers)
+                info = devstack.up(args.workdir, port=args.port, workers=args.workers,
+                                   name=args.name, bind=args.bind,
+                                   foreground=args.foreground)
+                if args.foreground:
+                    print(f"ekm-sim: serving at {info['url']}", flush=True)
+                    return supervise(int(info["pid"]))
                 print(json.dumps(info, indent=2))
             else:
                 devstack.down(args.workdir)

@@ -93,28 +93,38 @@ def _warn_if_kept(config_path: Path, *, port: int, workers: int) -> None:
               "or use a new workdir", file=sys.stderr)
 
 
-def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
+def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0,
+       name: str | None = None, bind: str = "127.0.0.1", foreground: bool = False
        ) -> dict[str, Any]:
     """Set up certificates, a token, a config and the demo keys, start the server in the
     background and return what ``ekm.json`` holds. Idempotent while the server runs.
+
+    For a container (compose.yaml): ``name`` is the host name clients use (a SAN of the
+    server certificate, and ``ekm.json``'s url), ``bind`` the address to listen on, and
+    ``foreground`` sends the server's output to this process's and always starts it (a
+    pid kept from an earlier container proves nothing).
 
     :raises AdminError: if set-up fails or the server does not come up in time.
     """
     workdir = workdir.resolve()
     _warn_if_kept(workdir / "ekm-sim.toml", port=port, workers=workers)
     info_path = workdir / "ekm.json"
-    if info_path.exists():
+    if info_path.exists() and not foreground:
         info = json.loads(info_path.read_text())
         if _alive(int(info["pid"])):
             return dict(info)
+    info_path.unlink(missing_ok=True)  # Written again once the server answers.
     workdir.mkdir(parents=True, exist_ok=True)
-    certs = make_certs(workdir / "certs", sans=["localhost", "127.0.0.1"], reuse=True)
+    certs = make_certs(workdir / "certs", sans=["localhost", "127.0.0.1", *([name] if name
+                                                                             else [])],
+                       reuse=True)
     conf = workdir / "softhsm2.conf"
     write_softhsm_conf(workdir / "tokens", conf)
     config_path = workdir / "ekm-sim.toml"
     if not config_path.exists():
         second = (_random_access_key_id(), base64.b64encode(secrets.token_bytes(32)).decode())
-        config_path.write_text(_config_text(workdir, certs, conf, second, port, workers))
+        config_path.write_text(_config_text(workdir, certs, conf, second, port, workers,
+                                            bind))
         config_path.chmod(0o600)
     env = dict(os.environ, EKM_SIM_CONFIG=str(config_path))
     _cli("init", env=env)
@@ -131,12 +141,13 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
         process, bound = start_background(
             [sys.executable, "-m", "ekm_sim.cli", "serve", "--port-file",
              str(workdir / "ekm-sim.port")],
-            env=env, log_path=workdir / "ekm-sim.log", port_file=workdir / "ekm-sim.port",
+            env=env, log_path=None if foreground else workdir / "ekm-sim.log",
+            port_file=workdir / "ekm-sim.port",
             health_path="/ping", ssl_context=ctx, timeout=timeout)
     except BackgroundError as exc:
         raise AdminError(str(exc)) from None
     info = {
-        "url": f"https://127.0.0.1:{bound}",
+        "url": f"https://{name or '127.0.0.1'}:{bound}",
         "uri_prefix": URI_PREFIX,
         "region": REGION,
         "access_key_id": TEST_CLIENT_CREDENTIAL[0],
@@ -147,20 +158,20 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0
         "keys": {role: key_id for role, (key_id, _) in KEYS.items()},
         "pid": process.pid,
         "config": str(config_path),
-        "log": str(workdir / "ekm-sim.log"),
+        "log": None if foreground else str(workdir / "ekm-sim.log"),
     }
     write_atomically(info_path, json.dumps(info, indent=2) + "\n", mode=0o600)
     return info
 
 
 def _config_text(workdir: Path, certs: dict[str, Path], conf: Path,
-                 second: tuple[str, str], port: int, workers: int) -> str:
+                 second: tuple[str, str], port: int, workers: int, bind: str) -> str:
     user_pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)
     return f"""# Written by `ekm-sim dev up`. Holds secrets: keep it private (mode 0600).
 registry = "{workdir / 'keys.json'}"
 
 [server]
-host = "127.0.0.1"
+host = "{bind}"
 port = {port}
 workers = {workers}
 request_log = "{workdir / 'requests.log'}"

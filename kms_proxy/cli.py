@@ -37,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     dsub = dev.add_subparsers(dest="action", required=True)
     up = dsub.add_parser("up", help="start it; writes WORKDIR/stack.json")
     up.add_argument("--workdir", type=Path, required=True)
+    up.add_argument("--ekm-workdir", type=Path,
+                    help="use the simulator `ekm-sim dev up` runs from this workdir (another "
+                         "container) instead of starting one in WORKDIR/ekm")
+    up.add_argument("--name", help="the host name clients use (a container's service name): "
+                                   "a SAN of the front's certificate and stack.json's endpoint")
+    up.add_argument("--bind", default="127.0.0.1", help="the address to listen on")
+    up.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    up.add_argument("--foreground", action="store_true",
+                    help="stay in the foreground with the front (a container's command)")
     down = dsub.add_parser("down", help="stop it")
     down.add_argument("--workdir", type=Path, required=True)
     tok = dsub.add_parser("token", help="print a service-principal JWT signed by the dev "
@@ -127,7 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kms_proxy import devstack
 
             if args.action == "up":
-                print(json.dumps(devstack.up(args.workdir), indent=2))
+                stack = devstack.up(args.workdir, ekm_workdir=args.ekm_workdir,
+                                    name=args.name, bind=args.bind, port=args.port,
+                                    foreground=args.foreground)
+                if args.foreground:
+                    from shared.serving import supervise
+
+                    print(f"kms-proxy: serving at https://{stack['kms']['endpoint']}; "
+                          f"{args.workdir / 'stack.json'} describes the stack", flush=True)
+                    return supervise(int(stack["pid"]))
+                print(json.dumps(stack, indent=2))
             elif args.action == "token":
                 print(devstack.token(args.workdir, product=args.product,
                                      account=args.account, ttl=args.ttl))

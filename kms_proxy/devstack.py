@@ -115,7 +115,8 @@ def _fingerprint(cert: Path) -> str:
         hashes.SHA256()).hex()
 
 
-def _config(workdir: Path, certs: dict[str, Path], ekm: dict[str, Any]
+def _config(workdir: Path, certs: dict[str, Path], ekm: dict[str, Any], *,
+            bind: str = "127.0.0.1", port: int = 0
             ) -> tuple[str, list[dict[str, str]], dict[str, dict[str, str]]]:
     keys = [{"id": "LTAI" + _random(20), "secret": _random(30), "account_id": account}
             for account in ACCOUNTS for _ in range(2)]
@@ -163,8 +164,8 @@ algorithms = ["ES256"]
 jwks_file = "{workdir / 'secrets' / 'issuer-jwks.json'}"
 
 [server]
-host = "127.0.0.1"
-port = 0
+host = "{bind}"
+port = {port}
 tls = true
 cert = "{certs['cert']}"
 key = "{certs['key']}"
@@ -174,31 +175,44 @@ key = "{certs['key']}"
     return text, keys, instances
 
 
-def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
+def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
+       name: str | None = None, bind: str = "127.0.0.1", port: int = 0,
+       foreground: bool = False) -> dict[str, Any]:
     """Start the EKM simulator and the front; return what ``stack.json`` holds.
 
-    Idempotent while the front runs.
+    Idempotent while the front runs. For a container (compose.yaml): ``ekm_workdir`` names
+    a simulator already set up and running elsewhere (its ``ekm.json``), ``name`` is the
+    host name clients use (a SAN of the front's certificate and stack.json's endpoint),
+    ``bind`` and ``port`` where to listen, and ``foreground`` sends the front's output to
+    this process's and always starts it.
     """
     workdir = workdir.resolve()
     stack_path = workdir / "stack.json"
-    if stack_path.exists():
+    if stack_path.exists() and not foreground:
         stack = json.loads(stack_path.read_text())
         try:
             os.kill(int(stack["pid"]), 0)
             return dict(stack)
         except ProcessLookupError:
             pass
+    stack_path.unlink(missing_ok=True)  # Written again once the front answers.
     workdir.mkdir(parents=True, exist_ok=True)
-    # The simulator is its own program: start it through its CLI, read its ekm.json. It
-    # gets a fixed port the first time (kept in its config), so the front's XKI endpoint
-    # stays right when the simulator is stopped and started again.
-    subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "up", "--workdir",
-                    str(workdir / "ekm"), "--port", str(_free_port())],
-                   check=True, capture_output=True, timeout=timeout)
-    ekm = json.loads((workdir / "ekm" / "ekm.json").read_text())
+    if ekm_workdir is None:
+        # The simulator is its own program: start it through its CLI, read its ekm.json.
+        # It gets a fixed port the first time (kept in its config), so the front's XKI
+        # endpoint stays right when the simulator is stopped and started again.
+        ekm_workdir = workdir / "ekm"
+        subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "up", "--workdir",
+                        str(ekm_workdir), "--port", str(_free_port())],
+                       check=True, capture_output=True, timeout=timeout)
+    try:
+        ekm = json.loads((ekm_workdir / "ekm.json").read_text())
+    except OSError as exc:
+        raise ConfigError(f"no running simulator's ekm.json in {ekm_workdir}: "
+                          f"{exc.strerror}") from None
     ca = DevCA.load_or_create(workdir / "certs")
-    server = ca.issue("kms", common_name="localhost", sans=["localhost", "127.0.0.1"],
-                      server=True)
+    server = ca.issue("kms", common_name="localhost",
+                      sans=["localhost", "127.0.0.1", *([name] if name else [])], server=True)
     (workdir / "secrets").mkdir(mode=0o700, exist_ok=True)
     (workdir / "data").mkdir(exist_ok=True)
     _secret_file(workdir / "secrets" / "root.key")
@@ -207,7 +221,8 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
     keys_path = workdir / "secrets" / "access-keys.json"
     _issuer_keys(workdir / "secrets")
     if not config_path.exists():
-        text, keys, instances = _config(workdir, {"cert": server.cert, "key": server.key}, ekm)
+        text, keys, instances = _config(workdir, {"cert": server.cert, "key": server.key}, ekm,
+                                        bind=bind, port=port)
         write_atomically(config_path, text, mode=0o600)
         write_atomically(keys_path, json.dumps({"access_keys": keys, "instances": instances}),
                          mode=0o600)
@@ -219,16 +234,16 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
                so_pin=_random(12), softhsm_conf=config.hsm.softhsm_conf)
     saved = json.loads(keys_path.read_text())
     ctx = ssl.create_default_context(cafile=str(ca.cert_path))
-    process, port = start_background(
+    process, bound = start_background(
         [sys.executable, "-m", "kms_proxy.cli", "serve", "--config", str(config_path),
          "--port-file", str(workdir / "kms-proxy.port")],
-        env=dict(os.environ), log_path=workdir / "kms-proxy.log",
+        env=dict(os.environ), log_path=None if foreground else workdir / "kms-proxy.log",
         port_file=workdir / "kms-proxy.port", health_path="/health", ssl_context=ctx,
         timeout=timeout)
     stack = {
         "region": REGION,
         "account_id": ACCOUNTS[0],
-        "kms": {"endpoint": f"127.0.0.1:{port}", "protocol": "https",
+        "kms": {"endpoint": f"{name or '127.0.0.1'}:{bound}", "protocol": "https",
                 "ca": str(ca.cert_path)},
         "access_keys": saved["access_keys"],
         "accounts": [{"id": account, **ACCOUNT_FEATURES[account]} for account in ACCOUNTS],
@@ -238,7 +253,7 @@ def up(workdir: Path, *, timeout: float = 60.0) -> dict[str, Any]:
         "ekm": ekm,
         "pid": process.pid,
         "config": str(config_path),
-        "log": str(workdir / "kms-proxy.log"),
+        "log": None if foreground else str(workdir / "kms-proxy.log"),
     }
     # Demo keys of every kind, made once (the database keeps them across restarts).
     demo_path = workdir / "secrets" / "demo-keys.json"

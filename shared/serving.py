@@ -4,6 +4,7 @@ the background for dev stacks. Both services use it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
 import logging
@@ -25,7 +26,7 @@ from shared.unparsable import Answer, ProtocolErrorRunner
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "EVENT_LOOPS", "BackgroundError", "BufferedFileHandler",
            "configure_logging", "line_writer", "read_body", "run_loop", "serve_app",
-           "start_background", "stop_process", "write_atomically"]
+           "start_background", "stop_process", "supervise", "write_atomically"]
 
 log = logging.getLogger("shared.serving")
 
@@ -253,17 +254,19 @@ async def serve_app(app: web.Application, *, name: str, host: str, port: int,
             await each.cleanup()
 
 
-def start_background(command: Sequence[str], *, env: dict[str, str], log_path: Path,
+def start_background(command: Sequence[str], *, env: dict[str, str], log_path: Path | None,
                      port_file: Path, health_path: str, ssl_context: ssl.SSLContext,
                      timeout: float = 60.0) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``command`` detached, wait until ``port_file`` names a port whose
     ``https://127.0.0.1:<port><health_path>`` answers 200, and return the process and port.
+    Its output goes to ``log_path``, or (None) to this process's own (a container's log).
 
     :raises BackgroundError: if the process exits or is not ready within ``timeout``.
     """
     port_file.unlink(missing_ok=True)
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(list(command), env=env, stdout=log_file, stderr=log_file,
+    with open(log_path or os.devnull, "ab") as log_file:
+        out = log_file if log_path is not None else None
+        process = subprocess.Popen(list(command), env=env, stdout=out, stderr=out,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -284,6 +287,21 @@ def start_background(command: Sequence[str], *, env: dict[str, str], log_path: P
     process.terminate()
     raise BackgroundError(f"{command[0]} did not come up within {timeout:.0f}s; "
                           f"see {log_path}")
+
+
+def supervise(pid: int) -> int:
+    """Wait for the child ``pid`` (a server ``start_background`` started) in the
+    foreground, passing SIGTERM and SIGINT on to it: what a container's main process does.
+    Returns the exit code to leave with."""
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code  # Killed by signal N: 128 + N, as shells say.
 
 
 def stop_process(pid: int, *, timeout: float = 15.0) -> None:

@@ -1,0 +1,105 @@
+"""compose.yaml's two services, run as the processes their containers would run.
+
+The CI machines have no container engine, so the image itself is not built here. What is
+tested is everything compose adds to it: each service's command, its healthcheck file, the
+shared volume, one service finding the other by name, and a clean stop on SIGTERM. The
+only changes: the volume is a temporary directory, the fixed ports are free ones, and the
+service names are ``localhost`` (which both certificates also name).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from alibabacloud_kms20160120 import models as m
+
+from tests.e2e.stacktools import sdk_for
+
+ROOT = Path(__file__).resolve().parents[2]
+PROGRAMS = {"ekm-sim": "ekm_sim.cli", "kms-proxy": "kms_proxy.cli"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _local(value: str, volume: Path, ports: dict[str, str], names: set[str]) -> str:
+    if value.startswith("/stack"):
+        return str(volume) + value[len("/stack"):]
+    if value in names:
+        return "localhost"
+    return ports.get(value, value)
+
+
+def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size > 0:
+            return
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{path} never appeared: {log.read_text()[-3000:]}")
+
+
+def test_the_compose_services_come_up_talk_and_stop(tmp_path: Path) -> None:
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert list(services) == ["ekm-sim", "kms-proxy"]
+    assert services["kms-proxy"]["depends_on"] == {"ekm-sim": {"condition": "service_healthy"}}
+    assert all(s["volumes"] == ["stack:/stack"] for s in services.values())
+    ports = {str(p.split(":")[-1]): str(_free_port())
+             for s in services.values() for p in s["ports"]}
+    volume = tmp_path / "stack"
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, service in services.items():  # In depends_on order.
+            program, *args = service["command"]
+            command = [sys.executable, "-m", PROGRAMS[program],
+                       *(_local(str(a), volume, ports, set(services)) for a in args)]
+            log = tmp_path / f"{name}.out"
+            with open(log, "wb") as out:
+                started[name] = subprocess.Popen(command, env=env, stdout=out,
+                                                 stderr=subprocess.STDOUT)
+            check, kind, flag, path = service["healthcheck"]["test"]
+            assert (check, kind, flag) == ("CMD", "test", "-s")
+            _wait_for(Path(_local(path, volume, ports, set())), started[name], log)
+
+        stack = json.loads((volume / "stack.json").read_text())
+        assert stack["kms"]["endpoint"] == f"localhost:{ports['8443']}"
+        assert stack["ekm"]["url"] == f"https://localhost:{ports['9443']}"
+        sdk = sdk_for(stack)
+        for kind in ("software", "hardware", "external"):
+            key_id = stack["keys"][kind]
+            sealed = sdk.encrypt(m.EncryptRequest(key_id=key_id, plaintext=kind)).body
+            assert sdk.decrypt(m.DecryptRequest(
+                ciphertext_blob=sealed.ciphertext_blob)).body.plaintext == kind
+        instance = sdk.get_kms_instance(m.GetKmsInstanceRequest(
+            kms_instance_id=stack["instances"]["external"])).body.kms_instance
+        assert instance.status == "Connected"
+        # The server logs go to the container's output, not to files in the volume.
+        assert not (volume / "kms-proxy.log").exists()
+        assert not (volume / "ekm" / "ekm-sim.log").exists()
+    finally:
+        for process in reversed(started.values()):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+    # `docker compose down` sends SIGTERM: each command passes it on and leaves cleanly.
+    for name, process in started.items():
+        assert process.wait(timeout=30) == 0, (tmp_path / f"{name}.out").read_text()[-2000:]
+    for name in ("kms-proxy", "ekm-sim"):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(ports["8443" if name == "kms-proxy"
+                                                            else "9443"])), timeout=2)
