@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from kms_proxy.api.actions import ACTIONS, Call
+from kms_proxy.api.actions import ACTIONS, NOT_IMPLEMENTED, Call
 from kms_proxy.api.errors import ApiError, error_body, from_core
 from kms_proxy.api.jwt_auth import TokenError, TokenVerifier, TrustedIssuer
 from kms_proxy.api.nonce_journal import NonceJournal
@@ -277,6 +277,10 @@ async def rpc(request: web.Request) -> web.Response:
                            f"valid; this service speaks {API_VERSION}.")
         spec = ACTIONS.get(action)
         if spec is None:
+            if action in NOT_IMPLEMENTED:
+                raise ApiError("InvalidAction.NotFound", 404,
+                               f"Specified api {action!r} is an Alibaba Cloud KMS action "
+                               "this front does not implement (README, Supported actions).")
             raise ApiError("InvalidAction.NotFound", 404, f"Specified api {action!r} is not "
                            "found.")
         require_principal(Op(action), principal.kind, principal.arn)

@@ -535,6 +535,15 @@ async def get_kms_instance_quota_infos(c: Call) -> dict[str, Any]:
         for kind, (quota, used) in quotas.items() if wanted in (None, kind)]}
 
 
+async def get_default_kms_instance(c: Call) -> dict[str, Any]:
+    return {"DefaultKmsInstanceId": c.service.default_instance_id(c.principal) or ""}
+
+
+async def describe_account_kms_status(c: Call) -> dict[str, Any]:
+    # An authenticated caller's account is one this front hosts: KMS is on for it.
+    return {"AccountStatus": "Enabled"}
+
+
 # BSS CreateInstance's ProductVersion: 1 a hardware, 3 a software key management instance.
 # It names no code for an external (XKI) instance; this front reports it as software.
 _PRODUCT_VERSION: Final[Mapping[InstanceType, str]] = MappingProxyType({
@@ -622,5 +631,29 @@ ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "GetKmsInstance": Action(get_kms_instance, ("KmsInstanceId",)),
     "GetKmsInstanceQuotaInfos": Action(get_kms_instance_quota_infos, ("KmsInstanceId",),
                                        ("ResourceType",), "An instance's quotas and use"),
+    "GetDefaultKmsInstance": Action(get_default_kms_instance, (), (),
+                                    "The instance CreateKey uses when none is named"),
+    "DescribeAccountKmsStatus": Action(describe_account_kms_status, (), (),
+                                       "Whether KMS is enabled for the account"),
     "DescribeRegions": Action(describe_regions),
 })
+
+# Actions of the 2016-01-20 API (the official SDK's client) this front does not implement:
+# secrets, application access points, client keys, network rules, policies, managed data
+# keys, HMAC keys, instance purchase and VPC binding, batch tagging, key policies. They get
+# the same 404 as an unknown name, with a message that says which it is.
+NOT_IMPLEMENTED: Final = frozenset({
+    "BatchGetSecretValue", "ConnectKmsInstance", "CreateApplicationAccessPoint",
+    "CreateClientKey", "CreateNetworkRule", "CreatePolicy", "CreateSecret",
+    "DeleteApplicationAccessPoint", "DeleteClientKey", "DeleteNetworkRule", "DeletePolicy",
+    "DeleteSecret", "DescribeApplicationAccessPoint", "DescribeNetworkRule",
+    "DescribePolicy", "DescribeSecret", "GenerateMac", "GetChallenge", "GetClientKey",
+    "GetKeyPolicy", "GetManagedDataKey", "GetRandomPassword", "GetSecretPolicy",
+    "GetSecretValue", "ListApplicationAccessPoints", "ListClientKeys",
+    "ListManagedDataKeyVersions", "ListNetworkRules", "ListPolicies",
+    "ListSecretVersionIds", "ListSecrets", "ListTagResources", "OpenKmsService",
+    "PutSecretValue", "ReleaseKmsInstance", "RestoreSecret", "RotateSecret",
+    "SetKeyPolicy", "SetSecretPolicy", "TagResources", "UntagResources",
+    "UpdateApplicationAccessPoint", "UpdateKmsInstanceBindVpc", "UpdateNetworkRule",
+    "UpdatePolicy", "UpdateSecret", "UpdateSecretRotationPolicy",
+    "UpdateSecretVersionStage", "VerifyMac"})

@@ -27,6 +27,7 @@ from kms_proxy.core.model import (
 )
 
 __all__ = [
+    "ACCOUNT_OPS",
     "KIND_CAPABILITIES",
     "KIND_INSTANCE",
     "ROTATION_RULES",
@@ -76,6 +77,8 @@ class Op(StrEnum):
     LIST_KMS_INSTANCES = "ListKmsInstances"
     GET_KMS_INSTANCE = "GetKmsInstance"
     GET_KMS_INSTANCE_QUOTA_INFOS = "GetKmsInstanceQuotaInfos"
+    GET_DEFAULT_KMS_INSTANCE = "GetDefaultKmsInstance"
+    DESCRIBE_ACCOUNT_KMS_STATUS = "DescribeAccountKmsStatus"
     DESCRIBE_REGIONS = "DescribeRegions"
     SCHEDULE_KEY_DELETION = "ScheduleKeyDeletion"
     CANCEL_KEY_DELETION = "CancelKeyDeletion"
@@ -249,12 +252,15 @@ _READ_OPS: Final = frozenset({
 })
 
 
+# Reads about the account and its instances, not about a key: no kind or state applies.
+ACCOUNT_OPS: Final = frozenset({
+    Op.LIST_KMS_INSTANCES, Op.GET_KMS_INSTANCE, Op.GET_KMS_INSTANCE_QUOTA_INFOS,
+    Op.GET_DEFAULT_KMS_INSTANCE, Op.DESCRIBE_ACCOUNT_KMS_STATUS, Op.DESCRIBE_REGIONS})
+
 # What a cloud service (a JWT service principal) may call for the account it acts for: the
 # crypto of server-side encryption and reads. Managing keys (creating, rotating, deleting,
 # importing, backing up) is the account's users' business.
-_SERVICE_PRINCIPAL_OPS: Final = _SSE_OPS | _READ_OPS | {
-    Op.GET_KMS_INSTANCE, Op.GET_KMS_INSTANCE_QUOTA_INFOS, Op.LIST_KMS_INSTANCES,
-    Op.DESCRIBE_REGIONS}
+_SERVICE_PRINCIPAL_OPS: Final = _SSE_OPS | _READ_OPS | ACCOUNT_OPS
 
 
 def require_principal(op: Op, principal: PrincipalKind, arn: str) -> None:

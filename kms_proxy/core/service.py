@@ -444,6 +444,10 @@ class KeyService:
         status = self._instance_status.get(instance_id, lambda: "Connected")()
         return InstanceView(instance=instance, versions_used=used, status=status)
 
+    def default_instance_id(self, principal: Principal) -> str | None:
+        """The instance CreateKey uses when none is named (GetDefaultKmsInstance)."""
+        return self._config.default_instances.get(principal.account_id)
+
     def describe_regions(self) -> Sequence[str]:
         return self._config.regions
 

@@ -440,6 +440,11 @@ async def test_protection_level_is_checked_or_decided_by_the_instance(
 async def test_unknown_action_and_wrong_version(kms: Kms, client: Client) -> None:
     reply = await kms.call(client, "DeleteEverything", {"KeyId": "x"})
     assert_error(reply, 404, "InvalidAction.NotFound")
+    assert "does not implement" not in reply.body["Message"]
+    # A real Alibaba action this front lacks says so, with the same code.
+    reply = await kms.call(client, "GetSecretValue", {"SecretName": "x"})
+    assert_error(reply, 404, "InvalidAction.NotFound")
+    assert "does not implement" in reply.body["Message"]
     reply = await kms.call(client, "DescribeRegions", version="2015-01-01")
     assert_error(reply, 400, "InvalidVersion")
     assert kms.counts() == {"keys": 0, "key_versions": 0, "aliases": 0, "tags": 0}

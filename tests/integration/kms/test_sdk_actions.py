@@ -677,6 +677,9 @@ async def test_instances_and_regions(kms: Kms, client: Client, sig: str) -> None
                               models.GetKmsInstanceQuotaInfosRequest(
                                   kms_instance_id=INSTANCE_A, resource_type="cpu"))
     assert_error(bad, 400, "InvalidParameter")
+    default = await kms.sdk(client, "get_default_kms_instance")
+    assert default.default_kms_instance_id == INSTANCE_A
+    assert (await kms.sdk(client, "describe_account_kms_status")).account_status == "Enabled"
     # Billing codes as Alibaba reports them: pay-as-you-go on the China site (cn-hangzhou);
     # BSS CreateInstance's ProductVersion 3 is a software key management instance.
     assert (got.charge_type, got.product_type, got.product_version) == (

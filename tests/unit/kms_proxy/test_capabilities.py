@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kms_proxy.core.capabilities import (
+    ACCOUNT_OPS,
     KIND_CAPABILITIES,
     SPECS,
     Capability,
@@ -81,8 +82,7 @@ def test_migrated_keys_allow_only_reads() -> None:
         if op in (Op.DESCRIBE_KEY, Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID,
                   Op.LIST_RESOURCE_TAGS, Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION):
             require(KeyKind.MIGRATED, op, PrincipalKind.USER)
-        elif op not in (Op.CREATE_KEY, Op.LIST_KMS_INSTANCES, Op.GET_KMS_INSTANCE,
-                        Op.GET_KMS_INSTANCE_QUOTA_INFOS, Op.DESCRIBE_REGIONS):
+        elif op is not Op.CREATE_KEY and op not in ACCOUNT_OPS:
             with pytest.raises(UnsupportedOperation, match="read-only"):
                 require(KeyKind.MIGRATED, op, PrincipalKind.USER)
 
@@ -133,9 +133,7 @@ def test_every_cell_of_the_state_table(op: Op, state: KeyState, code: str | None
 
 
 def test_every_op_has_a_state_row() -> None:
-    missing = {op for op in Op if op not in STATE_RULES} - {
-        Op.LIST_KMS_INSTANCES, Op.GET_KMS_INSTANCE, Op.GET_KMS_INSTANCE_QUOTA_INFOS,
-        Op.DESCRIBE_REGIONS}
+    missing = {op for op in Op if op not in STATE_RULES} - ACCOUNT_OPS
     assert missing == set()
 
 
@@ -154,7 +152,8 @@ SERVICE_MAY = {Op.ENCRYPT, Op.DECRYPT, Op.GENERATE_DATA_KEY,
                Op.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT, Op.RE_ENCRYPT, Op.DESCRIBE_KEY,
                Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID, Op.LIST_RESOURCE_TAGS,
                Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION, Op.GET_KMS_INSTANCE,
-               Op.GET_KMS_INSTANCE_QUOTA_INFOS, Op.LIST_KMS_INSTANCES, Op.DESCRIBE_REGIONS}
+               Op.GET_KMS_INSTANCE_QUOTA_INFOS, Op.LIST_KMS_INSTANCES, Op.DESCRIBE_REGIONS,
+               Op.GET_DEFAULT_KMS_INSTANCE, Op.DESCRIBE_ACCOUNT_KMS_STATUS}
 
 
 @pytest.mark.parametrize("op", list(Op), ids=[o.value for o in Op])
