@@ -250,7 +250,7 @@ def _trusted_issuers(config: Config) -> list[TrustedIssuer]:
                 jwks_file=i.jwks_file, pem_file=i.pem_file, max_lifetime_s=i.max_lifetime_s,
                 products=i.products))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"trusted_issuers[{n}]: {exc}") from None
+            raise ConfigError(f"trusted_issuers[{n}] ({i.issuer[:100]}): {exc}") from None
     return issuers
 
 

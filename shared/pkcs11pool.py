@@ -278,10 +278,12 @@ class PKCS11Pool:
             _clear_errors[:] = _openssl_error_clearers()
             _clear_openssl_errors()
         self._login = SessionContext(self._open_session(login=True))
-        if self._config.mode is DispatchMode.THREADS:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self._config.workers, thread_name_prefix="pkcs11"
-            )
+        # Threads mode: the workers. Inline mode: one thread of the pool's own for slow calls
+        # and for calls that find the module busy with one (calls into the module are
+        # serialised anyway, so one thread loses nothing, and the loop's default executor,
+        # which other work shares, is never filled with waiters).
+        workers = self._config.workers if self._config.mode is DispatchMode.THREADS else 1
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pkcs11")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -346,7 +348,7 @@ class PKCS11Pool:
             self._local.epoch = self._epoch
         return ctx
 
-    def _evict(self, ctx: SessionContext, cause: Exception) -> None:
+    def _evict(self, ctx: SessionContext, cause: Exception, *, on_loop: bool = False) -> None:
         """Close a session the token no longer vouches for and log in again, under the
         module lock (closing is a call into the module too).
 
@@ -358,18 +360,36 @@ class PKCS11Pool:
         (``_epoch``): at worst a worker's live session stays open until the process ends.
         """
         log.warning("evicting a PKCS#11 session after %s", type(cause).__name__)
+        if on_loop and not self._module_lock.acquire(blocking=False):
+            # On the event loop, behind a slow call: the pool's thread does it, in turn.
+            assert self._executor is not None
+            self._executor.submit(self._renew_sessions, ctx)
+            return
+        if not on_loop:
+            self._module_lock.acquire()
+        try:
+            self._renew_sessions_locked(ctx)
+        finally:
+            self._module_lock.release()
+
+    def _renew_sessions(self, ctx: SessionContext) -> None:
         with self._module_lock:
-            if self._config.mode is DispatchMode.THREADS:
-                self._local.ctx = None
-                self._epoch += 1
-                _close_quietly(ctx.session)
-            old, self._login = self._login, None
-            if old is not None:  # In inline mode, ``ctx`` itself.
-                _close_quietly(old.session)
-            try:
-                self._login_context_locked()
-            except HSMUnavailable:
-                log.warning("the token refuses a new session for now; the next call retries")
+            self._renew_sessions_locked(ctx)
+
+    def _renew_sessions_locked(self, ctx: SessionContext) -> None:
+        if self._config.mode is DispatchMode.THREADS:
+            self._local.ctx = None
+            self._epoch += 1
+            _close_quietly(ctx.session)
+        elif ctx is not self._login:
+            return  # Inline: an earlier eviction already renewed the session.
+        old, self._login = self._login, None
+        if old is not None:  # In inline mode, ``ctx`` itself.
+            _close_quietly(old.session)
+        try:
+            self._login_context_locked()
+        except HSMUnavailable:
+            log.warning("the token refuses a new session for now; the next call retries")
 
     def _call(self, fn: Callable[[SessionContext], T], decrypting: bool, *,
               locked: bool = False) -> T:
@@ -395,7 +415,7 @@ class PKCS11Pool:
             # and the session is fine. Anywhere else they mean the session is suspect.
             if decrypting:
                 raise HSMDataInvalid(f"{type(exc).__name__} on decrypt") from None
-            self._evict(ctx, exc)
+            self._evict(ctx, exc, on_loop=locked)
             raise HSMError(f"the token reported {type(exc).__name__}") from None
         except p11e.ObjectHandleInvalid:
             # Objects are destroyed in the token, for every session: every session's cached
@@ -404,11 +424,11 @@ class PKCS11Pool:
             ctx.forget_keys()
             raise HSMKeyMissing("a cached key object is gone") from None
         except _SESSION_ERRORS as exc:
-            self._evict(ctx, exc)
+            self._evict(ctx, exc, on_loop=locked)
             raise HSMUnavailable(type(exc).__name__) from None
         except p11e.PKCS11Error as exc:
             # Sessions survive data errors only; anything unexpected costs the session.
-            self._evict(ctx, exc)
+            self._evict(ctx, exc, on_loop=locked)
             raise HSMError(type(exc).__name__) from None
 
     async def run(self, fn: Callable[[SessionContext], T], *, decrypting: bool = False,
@@ -420,12 +440,11 @@ class PKCS11Pool:
 
         :raises HSMError: (or a subclass) for any PKCS#11 failure.
         """
-        if self._executor is None:
-            if not slow and self._module_lock.acquire(blocking=False):
-                return self._call(fn, decrypting, locked=True)
-            # A slow call, or the module is busy with one (or with another pool's call in a
-            # thread): wait on a thread, not on the loop.
-            return await asyncio.to_thread(self._call, fn, decrypting)
+        if (self._config.mode is DispatchMode.INLINE and not slow
+                and self._module_lock.acquire(blocking=False)):
+            return self._call(fn, decrypting, locked=True)
+        # Threads mode; or inline, a slow call or one that finds the module busy (with a slow
+        # call, or another pool's): it waits on the pool's thread, not on the loop.
         # Only the event loop thread touches the counter, so it needs no lock.
         if self._pending >= self._config.max_pending:
             raise HSMPoolExhausted(f"{self._pending} PKCS#11 calls already waiting")

@@ -166,13 +166,13 @@ class TokenVerifier:
             raise TokenError("InvalidSecurityToken.Malformed",
                              f"The bearer token's algorithm {str(algorithm)[:16]!r} is not "
                              "accepted for its issuer.")
-        key = issuer.keys.get(str(unverified_header.get("kid") or ""))
-        if key is None and len(issuer.keys) == 1 and not unverified_header.get("kid"):
-            key = next(iter(issuer.keys.values()))
+        kid = str(unverified_header.get("kid") or "")
+        if kid not in issuer.keys and len(issuer.keys) == 1 and not unverified_header.get("kid"):
+            kid = next(iter(issuer.keys))  # One key, no kid: that key, with its own rules.
+        key = issuer.keys.get(kid)
         if key is None:
             raise TokenError("InvalidSecurityToken.Malformed",
                              "The bearer token's key id is unknown.")
-        kid = str(unverified_header.get("kid") or "")
         if not key_fits(algorithm, key) or issuer.key_algorithms.get(kid, algorithm) != algorithm:
             raise TokenError("InvalidSecurityToken.Malformed",
                              f"The bearer token's algorithm {algorithm!r} does not fit the "

@@ -202,6 +202,10 @@ def test_a_jwk_alg_member_binds_its_key(tmp_path: Path, keys: dict[str, Any]) ->
     assert verifier.verify(token(keys["rsa"], algorithm="PS256", kid="r")).product == "oss"
     with pytest.raises(TokenError, match="does not fit"):
         verifier.verify(token(keys["rsa"], algorithm="RS256", kid="r"))
+    # Leaving the kid out picks the issuer's one key, and its alg still binds it.
+    with pytest.raises(TokenError, match="does not fit"):
+        verifier.verify(token(keys["rsa"], algorithm="RS256", kid=None))
+    assert verifier.verify(token(keys["rsa"], algorithm="PS256", kid=None)).product == "oss"
 
 
 def test_a_private_jwk_is_refused_when_loaded(tmp_path: Path, keys: dict[str, Any]) -> None:

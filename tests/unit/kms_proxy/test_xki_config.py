@@ -84,5 +84,6 @@ def test_trusted_issuer_settings_and_their_faults(tmp_path: Path) -> None:
                          ({"jwks_file": "missing.json"}, "No such file"),
                          ({"products": ["kms"]}, "products")):
         config = parse({**_data(), "trusted_issuers": [{**issuer, **fault}]}, tmp_path)
-        with pytest.raises(ConfigError, match=rf"trusted_issuers\[0\]: .*{match}"):
+        named = r"trusted_issuers\[0\] \(https://sts.test\): "
+        with pytest.raises(ConfigError, match=rf"{named}.*{match}"):
             create_app(config)

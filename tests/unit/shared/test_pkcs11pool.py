@@ -218,6 +218,32 @@ async def test_slow_calls_and_the_calls_behind_them_leave_the_loop(
         assert where["quick"] == loop_thread
 
 
+async def test_calls_waiting_for_the_module_leave_the_default_executor_free(
+        hsm_config: HSMConfig) -> None:
+    """Inline calls that find the module busy wait on the pool's own thread: the loop's
+    default executor (the software backend's RSA, BYOK unwrapping, audit flushes) is not
+    filled with them. With asyncio.to_thread they took every default thread."""
+    release, started = threading.Event(), threading.Event()
+    async with PKCS11Pool(hsm_config.pool()) as pool:
+        def slow(ctx: SessionContext) -> None:
+            started.set()
+            assert release.wait(30)
+
+        holding = asyncio.create_task(pool.run(slow, slow=True))
+        assert await asyncio.to_thread(started.wait, 10)
+        waiting = [asyncio.create_task(pool.run(lambda ctx: ctx.session.generate_random(8)))
+                   for _ in range(40)]
+        await asyncio.sleep(0.05)
+        try:
+            # Not a timing figure: without the fix this never finishes while the module is
+            # held, so the bound only keeps a failing run short.
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 10) == "free"
+        finally:
+            release.set()
+        await holding
+        assert all(len(r) == 1 for r in await asyncio.gather(*waiting))
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_eviction_closes_sessions_under_the_module_lock(
         hsm_config: HSMConfig, mode: DispatchMode, monkeypatch: pytest.MonkeyPatch) -> None:
