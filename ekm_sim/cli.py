@@ -14,7 +14,7 @@ from ekm_sim.admin import AdminError, KeyAdmin, KeyUsage, init_token
 from ekm_sim.config import Config, ConfigError, load
 from ekm_sim.registry import KeyRegistry, RegistryError
 from shared.pkcs11pool import HSMError, PKCS11Pool
-from shared.serving import supervise
+from shared.serving import run_in_foreground
 
 DEFAULT_CONFIG = "ekm-sim.toml"
 
@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--name", help="the host name clients use (a container's service name): "
                                    "a SAN of the server certificate and ekm.json's url")
-    up.add_argument("--bind", default="127.0.0.1", help="the address to listen on")
+    up.add_argument("--bind", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0"),  # noqa: S104
+                    help="listen on loopback, or on every interface (a container)")
     up.add_argument("--foreground", action="store_true",
                     help="stay in the foreground with the server (a container's command)")
     down = dsub.add_parser("down", help="stop the simulator started by dev up")
@@ -136,13 +137,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ekm_sim import devstack
 
             if args.action == "up":
-                info = devstack.up(args.workdir, port=args.port, workers=args.workers,
-                                   name=args.name, bind=args.bind,
-                                   foreground=args.foreground)
+                def start() -> dict[str, object]:
+                    return devstack.up(args.workdir, port=args.port, workers=args.workers,
+                                       name=args.name, bind=args.bind,
+                                       foreground=args.foreground)
+
                 if args.foreground:
-                    print(f"ekm-sim: serving at {info['url']}", flush=True)
-                    return supervise(int(info["pid"]))
-                print(json.dumps(info, indent=2))
+                    def serving() -> int:
+                        info = start()
+                        print(f"ekm-sim: serving at {info['url']}", flush=True)
+                        return int(str(info["pid"]))
+
+                    return run_in_foreground(serving, args.workdir / "ekm.json")
+                print(json.dumps(start(), indent=2))
             else:
                 devstack.down(args.workdir)
     except (ConfigError, AdminError, RegistryError, HSMError) as exc:

@@ -73,9 +73,10 @@ def _cli(*args: str, env: dict[str, str]) -> None:
         raise AdminError(f"ekm-sim {' '.join(args)} failed: {done.stderr.strip()}")
 
 
-def _warn_if_kept(config_path: Path, *, port: int, workers: int) -> None:
-    """An existing workdir keeps its config: say so when this call asked for other
-    settings (they would otherwise be dropped without a word)."""
+def _warn_if_kept(config_path: Path, *, port: int, workers: int, bind: str,
+                  name: str | None) -> None:
+    """An existing workdir keeps its config and certificates: say so when this call asked
+    for other settings (they would otherwise be dropped without a word)."""
     if not config_path.exists():
         return
     from ekm_sim.config import ConfigError, load
@@ -84,10 +85,19 @@ def _warn_if_kept(config_path: Path, *, port: int, workers: int) -> None:
         server = load(config_path).server
     except ConfigError:
         return  # The server start reports it.
-    kept = [f"{name} {have} (asked: {asked})"
-            for name, have, asked, default in (("port", server.port, port, 0),
-                                               ("workers", server.workers, workers, 1))
+    kept = [f"{what} {have} (asked: {asked})"
+            for what, have, asked, default in (("port", server.port, port, 0),
+                                               ("workers", server.workers, workers, 1),
+                                               ("bind", server.host, bind, "127.0.0.1"))
             if asked != default and asked != have]
+    cert = config_path.parent / "certs" / "server.pem"
+    if name is not None and cert.exists():
+        from cryptography import x509
+
+        names = x509.load_pem_x509_certificate(cert.read_bytes()).extensions \
+            .get_extension_for_class(x509.SubjectAlternativeName).value
+        if name not in names.get_values_for_type(x509.DNSName):
+            kept.append(f"a server certificate that does not name {name!r}")
     if kept:
         print(f"ekm-sim dev up: {config_path} exists and keeps {', '.join(kept)}; edit it, "
               "or use a new workdir", file=sys.stderr)
@@ -107,7 +117,7 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0,
     :raises AdminError: if set-up fails or the server does not come up in time.
     """
     workdir = workdir.resolve()
-    _warn_if_kept(workdir / "ekm-sim.toml", port=port, workers=workers)
+    _warn_if_kept(workdir / "ekm-sim.toml", port=port, workers=workers, bind=bind, name=name)
     info_path = workdir / "ekm.json"
     if info_path.exists() and not foreground:
         info = json.loads(info_path.read_text())
@@ -146,6 +156,19 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0,
             health_path="/ping", ssl_context=ctx, timeout=timeout)
     except BackgroundError as exc:
         raise AdminError(str(exc)) from None
+    try:
+        return _describe(workdir, process.pid, bound, name=name, certs=certs,
+                         config_path=config_path, foreground=foreground)
+    except BaseException:
+        stop_process(process.pid)  # Interrupted during set-up: stop what started.
+        raise
+
+
+def _describe(workdir: Path, pid: int, bound: int, *, name: str | None,
+              certs: dict[str, Path], config_path: Path, foreground: bool
+              ) -> dict[str, Any]:
+    """ekm.json for a running simulator (a healthcheck waits for it)."""
+    info_path = workdir / "ekm.json"
     info = {
         "url": f"https://{name or '127.0.0.1'}:{bound}",
         "uri_prefix": URI_PREFIX,
@@ -156,7 +179,7 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0,
         "client_cert": str(certs["client_cert"]),
         "client_key": str(certs["client_key"]),
         "keys": {role: key_id for role, (key_id, _) in KEYS.items()},
-        "pid": process.pid,
+        "pid": pid,
         "config": str(config_path),
         "log": None if foreground else str(workdir / "ekm-sim.log"),
     }

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kms_proxy.config import ConfigError, load
 from kms_proxy.core.audit import verify_chain
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                          "container) instead of starting one in WORKDIR/ekm")
     up.add_argument("--name", help="the host name clients use (a container's service name): "
                                    "a SAN of the front's certificate and stack.json's endpoint")
-    up.add_argument("--bind", default="127.0.0.1", help="the address to listen on")
+    up.add_argument("--bind", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0"),  # noqa: S104
+                    help="listen on loopback, or on every interface (a container)")
     up.add_argument("--port", type=int, default=0, help="0 picks a free port")
     up.add_argument("--foreground", action="store_true",
                     help="stay in the foreground with the front (a container's command)")
@@ -136,16 +138,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             from kms_proxy import devstack
 
             if args.action == "up":
-                stack = devstack.up(args.workdir, ekm_workdir=args.ekm_workdir,
-                                    name=args.name, bind=args.bind, port=args.port,
-                                    foreground=args.foreground)
-                if args.foreground:
-                    from shared.serving import supervise
+                def start() -> dict[str, Any]:
+                    return devstack.up(args.workdir, ekm_workdir=args.ekm_workdir,
+                                       name=args.name, bind=args.bind, port=args.port,
+                                       foreground=args.foreground)
 
-                    print(f"kms-proxy: serving at https://{stack['kms']['endpoint']}; "
-                          f"{args.workdir / 'stack.json'} describes the stack", flush=True)
-                    return supervise(int(stack["pid"]))
-                print(json.dumps(stack, indent=2))
+                if args.foreground:
+                    from shared.serving import run_in_foreground
+
+                    def serving() -> int:
+                        stack = start()
+                        print(f"kms-proxy: serving at https://{stack['kms']['endpoint']}; "
+                              f"{args.workdir / 'stack.json'} describes the stack",
+                              flush=True)
+                        return int(stack["pid"])
+
+                    return run_in_foreground(serving, args.workdir / "stack.json")
+                print(json.dumps(start(), indent=2))
             elif args.action == "token":
                 print(devstack.token(args.workdir, product=args.product,
                                      account=args.account, ttl=args.ttl))

@@ -140,7 +140,7 @@ def _config(workdir: Path, certs: dict[str, Path], ekm: dict[str, Any], *,
            f'secret_access_key = "{ekm["secret_access_key"]}" }}]\n')
     instance_rows = "\n".join(
         f'[[instances]]\nid = "{ids[kind]}"\naccount_id = "{account}"\ntype = "{kind}"\n'
-        f'name = "{kind}-dev"\nspec_qps = 20000\n'
+        f'name = "{kind}-dev"\nspec_qps = 20000\nkey_quota = 100000\n'
         + ("default = true\n" if kind == "software" else "")
         + (xki if kind == "external" else "")
         for account, ids in instances.items() for kind in ids)
@@ -197,6 +197,7 @@ def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
             pass
     stack_path.unlink(missing_ok=True)  # Written again once the front answers.
     workdir.mkdir(parents=True, exist_ok=True)
+    managed = ekm_workdir is None
     if ekm_workdir is None:
         # The simulator is its own program: start it through its CLI, read its ekm.json.
         # It gets a fixed port the first time (kept in its config), so the front's XKI
@@ -205,11 +206,7 @@ def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
         subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "up", "--workdir",
                         str(ekm_workdir), "--port", str(_free_port())],
                        check=True, capture_output=True, timeout=timeout)
-    try:
-        ekm = json.loads((ekm_workdir / "ekm.json").read_text())
-    except OSError as exc:
-        raise ConfigError(f"no running simulator's ekm.json in {ekm_workdir}: "
-                          f"{exc.strerror}") from None
+    ekm = _ekm_info(ekm_workdir, timeout)
     ca = DevCA.load_or_create(workdir / "certs")
     server = ca.issue("kms", common_name="localhost",
                       sans=["localhost", "127.0.0.1", *([name] if name else [])], server=True)
@@ -229,10 +226,10 @@ def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
     # The hardware instances' token: a SoftHSM2 token of its own, not the EKM's.
     config = load(config_path)
     assert config.hsm is not None
+    _warn_if_elsewhere(config_path, ekm["url"])
     write_softhsm_conf(workdir / "hsm" / "tokens", workdir / "hsm" / "softhsm2.conf")
     init_token(label=config.hsm.token_label, user_pin=config.hsm.user_pin,
                so_pin=_random(12), softhsm_conf=config.hsm.softhsm_conf)
-    saved = json.loads(keys_path.read_text())
     ctx = ssl.create_default_context(cafile=str(ca.cert_path))
     process, bound = start_background(
         [sys.executable, "-m", "kms_proxy.cli", "serve", "--config", str(config_path),
@@ -240,18 +237,37 @@ def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
         env=dict(os.environ), log_path=None if foreground else workdir / "kms-proxy.log",
         port_file=workdir / "kms-proxy.port", health_path="/health", ssl_context=ctx,
         timeout=timeout)
+    try:
+        return _describe(workdir, process.pid, bound, name=name, ca=ca.cert_path, ekm=ekm,
+                         keys=json.loads(keys_path.read_text()), config_path=config_path,
+                         foreground=foreground, ekm_managed=managed)
+    except BaseException:
+        # Interrupted (a container stopped during set-up) or failed: stop what started.
+        stop_process(process.pid)
+        raise
+
+
+def _describe(workdir: Path, pid: int, bound: int, *, name: str | None, ca: Path,
+              ekm: dict[str, Any], keys: dict[str, Any], config_path: Path,
+              foreground: bool, ekm_managed: bool) -> dict[str, Any]:
+    """stack.json for a running front: written last, once the demo keys exist."""
+    saved = keys
+    stack_path = workdir / "stack.json"
     stack = {
         "region": REGION,
         "account_id": ACCOUNTS[0],
         "kms": {"endpoint": f"{name or '127.0.0.1'}:{bound}", "protocol": "https",
-                "ca": str(ca.cert_path)},
+                "ca": str(ca)},
         "access_keys": saved["access_keys"],
         "accounts": [{"id": account, **ACCOUNT_FEATURES[account]} for account in ACCOUNTS],
         "instances": saved["instances"][ACCOUNTS[0]],
         "instances_by_account": saved["instances"],
         "token_issuer": {"issuer": ISSUER, "audience": AUDIENCE},
         "ekm": ekm,
-        "pid": process.pid,
+        # Whether this stack started the simulator (dev down stops it then) or uses one
+        # that runs elsewhere (--ekm-workdir: another container).
+        "ekm_managed": ekm_managed,
+        "pid": pid,
         "config": str(config_path),
         "log": None if foreground else str(workdir / "kms-proxy.log"),
     }
@@ -269,11 +285,41 @@ def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
 
 
 def down(workdir: Path) -> None:
-    """Stop the front and the EKM simulator."""
+    """Stop the front, and the EKM simulator if this stack started it."""
     workdir = workdir.resolve()
     stack_path = workdir / "stack.json"
+    managed = True
     if stack_path.exists():
-        stop_process(int(json.loads(stack_path.read_text())["pid"]))
+        stack = json.loads(stack_path.read_text())
+        managed = bool(stack.get("ekm_managed", True))
+        stop_process(int(stack["pid"]))
         stack_path.unlink()
-    subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "down", "--workdir",
-                    str(workdir / "ekm")], check=True, capture_output=True, timeout=60)
+    if managed:
+        subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "down", "--workdir",
+                        str(workdir / "ekm")], check=True, capture_output=True, timeout=60)
+
+
+def _ekm_info(ekm_workdir: Path, timeout: float) -> dict[str, Any]:
+    """The simulator's ekm.json, waited for: in a compose stack the simulator may have
+    removed an old one and not written the new one yet."""
+    path = ekm_workdir / "ekm.json"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info: dict[str, Any] = json.loads(path.read_text())
+            return info
+        except (OSError, ValueError) as exc:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"no running simulator's ekm.json in {ekm_workdir}: "
+                                  f"{exc}") from None
+        time.sleep(0.2)
+
+
+def _warn_if_elsewhere(config_path: Path, ekm_url: str) -> None:
+    """An existing config keeps its external instances' endpoint (and pinned certificate):
+    say so when the simulator now answers elsewhere."""
+    kept = {i.xki.endpoint for i in load(config_path).instances if i.xki is not None}
+    if kept and kept != {ekm_url}:
+        print(f"kms-proxy dev up: {config_path} keeps the external key manager at "
+              f"{', '.join(sorted(kept))}, but the simulator is at {ekm_url}; use a new "
+              "workdir (or edit [instances.xki])", file=sys.stderr)

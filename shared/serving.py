@@ -24,9 +24,22 @@ from aiohttp import web
 
 from shared.unparsable import Answer, ProtocolErrorRunner
 
-__all__ = ["CLIENT_CLOSED_REQUEST", "EVENT_LOOPS", "BackgroundError", "BufferedFileHandler",
-           "configure_logging", "line_writer", "read_body", "run_loop", "serve_app",
-           "start_background", "stop_process", "supervise", "write_atomically"]
+__all__ = [
+    "CLIENT_CLOSED_REQUEST",
+    "EVENT_LOOPS",
+    "BackgroundError",
+    "BufferedFileHandler",
+    "StopRequested",
+    "configure_logging",
+    "line_writer",
+    "read_body",
+    "run_in_foreground",
+    "run_loop",
+    "serve_app",
+    "start_background",
+    "stop_process",
+    "write_atomically",
+]
 
 log = logging.getLogger("shared.serving")
 
@@ -268,11 +281,25 @@ def start_background(command: Sequence[str], *, env: dict[str, str], log_path: P
         out = log_file if log_path is not None else None
         process = subprocess.Popen(list(command), env=env, stdout=out, stderr=out,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return _await_ready(process, command[0], log_path=log_path, port_file=port_file,
+                            health_path=health_path, ssl_context=ssl_context, timeout=timeout)
+    except BaseException:
+        # Not ready in time, or interrupted (StopRequested): leave nothing running.
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
+        raise
+
+
+def _await_ready(process: subprocess.Popen[bytes], name: str, *, log_path: Path | None,
+                 port_file: Path, health_path: str, ssl_context: ssl.SSLContext,
+                 timeout: float) -> tuple[subprocess.Popen[bytes], int]:
+    where = f"see {log_path}" if log_path is not None else "see its output"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise BackgroundError(f"{command[0]} exited with {process.returncode}; "
-                                  f"see {log_path}")
+            raise BackgroundError(f"{name} exited with {process.returncode}; {where}")
         if port_file.exists():
             port = int(port_file.read_text())
             try:
@@ -284,22 +311,41 @@ def start_background(command: Sequence[str], *, env: dict[str, str], log_path: P
             except OSError:
                 pass
         time.sleep(0.1)
-    process.terminate()
-    raise BackgroundError(f"{command[0]} did not come up within {timeout:.0f}s; "
-                          f"see {log_path}")
+    raise BackgroundError(f"{name} did not come up within {timeout:.0f}s; {where}")
 
 
-def supervise(pid: int) -> int:
-    """Wait for the child ``pid`` (a server ``start_background`` started) in the
-    foreground, passing SIGTERM and SIGINT on to it: what a container's main process does.
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT arrived while a foreground command was still setting up."""
+
+
+def run_in_foreground(start: Callable[[], int], ready_file: Path) -> int:
+    """What a container's main process does: ``start()`` sets up and starts a server (a
+    child, see ``start_background``) and returns its pid; then wait for it, passing SIGTERM
+    and SIGINT on to it. A signal during set-up stops the set-up at once (``start`` must
+    stop what it started on the way out). ``ready_file`` (a healthcheck's) is removed when
+    the server ends, so a later start is not taken as ready before it is.
+
     Returns the exit code to leave with."""
+    def stop(signum: int, _frame: object) -> None:
+        raise StopRequested(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        pid = start()
+    except StopRequested as stopped:
+        return 128 + int(stopped.args[0])
+
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
-    _, status = os.waitpid(pid, 0)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        ready_file.unlink(missing_ok=True)
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code  # Killed by signal N: 128 + N, as shells say.
 

@@ -409,6 +409,9 @@ class KeyLifecycle:
             raise InstanceNotFound(key.instance_id or "")
         if key.state is KeyState.PENDING_DELETION:
             key = dataclasses.replace(key, state=KeyState.DISABLED, delete_date=None)
+        if await self._s._store.get_key(key.key_id) is not None:
+            # Said before the quota is looked at: a full instance is not the reason.
+            raise InvalidParameter("KeyBackup", f"the key {key.key_id} exists")
         try:
             async with self._s.adding_versions(key.instance_id, len(versions)):
                 await self._s._store.create_key(key, versions, tags)

@@ -96,10 +96,34 @@ def test_the_compose_services_come_up_talk_and_stop(tmp_path: Path) -> None:
         for process in reversed(started.values()):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-    # `docker compose down` sends SIGTERM: each command passes it on and leaves cleanly.
+    # `docker compose down` sends SIGTERM: each command passes it on and leaves cleanly,
+    # and takes its healthcheck file along (a restart is not "healthy" before it is).
     for name, process in started.items():
         assert process.wait(timeout=30) == 0, (tmp_path / f"{name}.out").read_text()[-2000:]
-    for name in ("kms-proxy", "ekm-sim"):
+    for port in (ports["8443"], ports["9443"]):
         with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", int(ports["8443" if name == "kms-proxy"
-                                                            else "9443"])), timeout=2)
+            socket.create_connection(("127.0.0.1", int(port)), timeout=2)
+    assert not (volume / "stack.json").exists() and not (volume / "ekm" / "ekm.json").exists()
+
+
+def test_a_stop_during_set_up_leaves_nothing_running(tmp_path: Path) -> None:
+    """`docker stop` while the simulator is still setting up: the command ends at once
+    (not after docker's 10 s and a SIGKILL) and no server is left behind."""
+    service = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["ekm-sim"]
+    port = str(_free_port())
+    volume = tmp_path / "stack"
+    program, *args = service["command"]
+    command = [sys.executable, "-m", PROGRAMS[program],
+               *(_local(str(a), volume, {"9443": port}, {"ekm-sim"}) for a in args)]
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    log = tmp_path / "ekm-sim.out"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(volume / "ekm" / "softhsm2.conf", process, log)  # Set-up has begun.
+    finally:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", int(port)), timeout=2)
+    assert not (volume / "ekm" / "ekm.json").exists()

@@ -456,6 +456,10 @@ async def test_an_instances_key_quota_counts_key_versions(build: Build,
         await create(service)
     with pytest.raises(LimitExceeded):
         await service.lifecycle.create_key_version(USER, keys[0].key_id)
+    # A key that exists is refused as existing, not for the full instance.
+    _, own = await service.lifecycle.backup_key(USER, keys[0].key_id)
+    with pytest.raises(InvalidParameter, match="exists"):
+        await service.lifecycle.restore_key_backup(USER, own)
     _, backup = await service.lifecycle.backup_key(USER, keys[1].key_id)
     await service.lifecycle.update_rotation_policy(USER, keys[2].key_id, enabled=True,
                                                    interval=7 * DAY_S)
