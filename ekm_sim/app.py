@@ -41,7 +41,13 @@ from ekm_sim.registry import KeyRegistry, RegistryError
 from shared import xks
 from shared.pkcs11pool import PKCS11Pool
 from shared.ratelimit import TokenBucket
-from shared.serving import BODY_TIMEOUT_S, CLIENT_CLOSED_REQUEST, line_writer, read_body
+from shared.serving import (
+    BODY_TIMEOUT_S,
+    CLIENT_CLOSED_REQUEST,
+    BodyRefused,
+    line_writer,
+    read_body,
+)
 from shared.sigv4 import SigV4Error, SigV4Verifier
 from shared.tls import names_allowed, peer_names
 from shared.xks import ErrorName, XKSError
@@ -212,6 +218,8 @@ async def _sigv4(request: web.Request, handler: Handler) -> web.StreamResponse:
     except TimeoutError:
         raise XKSError(ErrorName.VALIDATION, "the request body did not arrive within "
                        f"{BODY_TIMEOUT_S:.0f} s") from None
+    except BodyRefused as exc:
+        raise XKSError(ErrorName.VALIDATION, str(exc)) from None
     access_key_id = request.app[VERIFIER].verify(
         method=request.method,
         raw_path=request.raw_path.split("?", 1)[0],

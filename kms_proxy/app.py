@@ -47,7 +47,7 @@ from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.openapi import openapi_document
 from kms_proxy.store.sqlite import SQLiteStore
 from shared.pkcs11pool import DispatchMode, PKCS11Pool, PoolConfig
-from shared.serving import BODY_TIMEOUT_S, CLIENT_CLOSED_REQUEST, read_body
+from shared.serving import BODY_TIMEOUT_S, CLIENT_CLOSED_REQUEST, BodyRefused, read_body
 from shared.sigv4 import Credential
 
 __all__ = ["AUDIT", "CONFIG", "SERVICE", "create_app", "unparsable_answer"]
@@ -134,6 +134,9 @@ async def _parameters(request: web.Request) -> tuple[dict[str, str], dict[str, s
     except TimeoutError:
         raise ApiError("InvalidParameter", 400, "The request body did not arrive within "
                        f"{BODY_TIMEOUT_S:.0f} s.") from None
+    except BodyRefused as exc:
+        message = str(exc)
+        raise ApiError("InvalidParameter", 400, f"{message[:1].upper()}{message[1:]}.") from None
     query: dict[str, str] = {}
     try:
         # Strict: invalid UTF-8 after percent-decoding is refused, not replaced by U+FFFD

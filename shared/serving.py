@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from shared.unparsable import Answer, ProtocolErrorRunner
 
@@ -28,6 +29,7 @@ __all__ = [
     "CLIENT_CLOSED_REQUEST",
     "EVENT_LOOPS",
     "BackgroundError",
+    "BodyRefused",
     "BufferedFileHandler",
     "StopRequested",
     "configure_logging",
@@ -187,10 +189,28 @@ CLIENT_CLOSED_REQUEST: Final = 499
 BODY_TIMEOUT_S: Final = 30.0
 
 
+class BodyRefused(ValueError):
+    """A request body this server does not take as sent (the message is safe to answer)."""
+
+
 async def read_body(request: web.BaseRequest) -> bytes:
-    """The request's body, within ``BODY_TIMEOUT_S``. :raises TimeoutError:"""
-    async with asyncio.timeout(body_timeout_s):
-        return await request.read()
+    """The request's body as sent, within ``BODY_TIMEOUT_S``.
+
+    A ``Content-Encoding`` is refused, not undone: a signature covers the bytes sent
+    (SigV4's payload hash, ACS3's content hash), and aiohttp's decoding of a bad body
+    surfaced as an unexpected error (a 500 with a traceback).
+
+    :raises TimeoutError: :raises BodyRefused:
+    """
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise BodyRefused(f"Content-Encoding {encoding[:32]!r} is not accepted; send the "
+                          "body as is")
+    try:
+        async with asyncio.timeout(body_timeout_s):
+            return await request.read()
+    except BadHttpMessage as exc:
+        raise BodyRefused(f"the request body is malformed ({type(exc).__name__})") from None
 
 
 # What read_body applies (a module value, so a test can shorten it).
@@ -236,8 +256,10 @@ async def serve_app(app: web.Application, *, name: str, host: str, port: int,
     answer (``shared.unparsable``), on every site.
     """
     runners = []
+    # auto_decompress off: a body is taken only as sent (read_body refuses an encoding),
+    # since aiohttp decodes it in the parser, before any handler or signature check.
     runner = ProtocolErrorRunner(app, answer=unparsable, access_log=None,
-                                 handle_signals=False)
+                                 handle_signals=False, auto_decompress=False)
     await runner.setup()
     runners.append(runner)
     _settle_heap()
@@ -246,7 +268,7 @@ async def serve_app(app: web.Application, *, name: str, host: str, port: int,
     bound = int(runner.addresses[0][1])
     for extra_app, extra_port in extra_sites:
         extra = ProtocolErrorRunner(extra_app, answer=unparsable, access_log=None,
-                                    handle_signals=False)
+                                    handle_signals=False, auto_decompress=False)
         await extra.setup()
         runners.append(extra)
         await web.TCPSite(extra, host, extra_port, reuse_port=reuse_port).start()

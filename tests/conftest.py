@@ -81,10 +81,11 @@ def server_cert(ca: trustme.CA) -> trustme.LeafCert:
 class ServedTestServer(TestServer):
     """aiohttp's test server, run as ``shared.serving`` runs an app: a handler is not
     cancelled when its client goes away (the test server would cancel it), so the code
-    path of a client that leaves mid-request is the served one."""
+    path of a client that leaves mid-request is the served one; bodies are not decoded."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         kwargs["handler_cancellation"] = False
+        kwargs["auto_decompress"] = False
         return await super()._make_runner(**kwargs)
 
 

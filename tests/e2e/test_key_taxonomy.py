@@ -361,3 +361,28 @@ def test_the_front_tells_the_ekm_who_calls_and_why(stack: dict[str, Any],
         assert (record["kmsOperation"], record["keyId"], record["status"]) == (
             operation, stack["ekm"]["keys"]["default"], 200)
         assert principal in record["principal"], record
+
+
+def test_served_processes_refuse_an_encoded_body(stack: dict[str, Any]) -> None:
+    """As served (shared.serving, not a test server): neither process decodes a body."""
+    ekm = stack["ekm"]
+    ekm_context = ssl.create_default_context(cafile=ekm["ca"])
+    ekm_context.load_cert_chain(ekm["client_cert"], ekm["client_key"])
+    targets = [
+        (stack["kms"]["endpoint"], ssl.create_default_context(cafile=stack["kms"]["ca"]),
+         "/?Action=DescribeRegions&Version=2016-01-20", "Code", "InvalidParameter"),
+        (ekm["url"].removeprefix("https://"), ekm_context,
+         f"/{ekm['uri_prefix']}/kms/xks/v1/health", "errorName", "ValidationException")]
+    for endpoint, context, path, field, code in targets:
+        host, port = endpoint.rsplit(":", 1)
+        for encoding in ("gzip", "deflate", "br"):
+            connection = http.client.HTTPSConnection(host, int(port), context=context,
+                                                     timeout=10)
+            try:
+                connection.request("POST", path, body=b"\x1f\x8b\x08\x00 junk", headers={
+                    "Content-Type": "application/json", "Content-Encoding": encoding})
+                response = connection.getresponse()
+                answer = json.loads(response.read())
+            finally:
+                connection.close()
+            assert (response.status, answer[field]) == (400, code), (endpoint, answer)

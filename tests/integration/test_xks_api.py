@@ -578,3 +578,23 @@ async def test_a_body_that_stops_arriving_is_refused_in_time(
         "\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{").encode())
     assert head.startswith(b"HTTP/1.1 400")
     assert body["errorName"] == "ValidationException"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "x-unknown"])
+async def test_a_content_encoding_is_refused_not_decoded(sim: Sim, encoding: str,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    """aiohttp decoded it, and a body that did not decode was an unexpected error: 500
+    and a traceback, before any signature check. SigV4 signs the bytes sent, so the
+    simulator takes the body only as sent."""
+    import gzip
+
+    body = json.dumps({"requestMetadata": metadata()}).encode()
+    raw = gzip.compress(body) if encoding == "gzip" else body  # Valid gzip, then junk.
+    for signed in (True, False):
+        status, reply = await sim.call("health", raw=raw, sign=signed,
+                                       headers={"Content-Encoding": encoding})
+        assert (status, reply["errorName"]) == (400, "ValidationException"), (encoding,
+                                                                               reply)
+        assert "Content-Encoding" in reply["errorMessage"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

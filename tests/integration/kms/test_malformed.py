@@ -761,3 +761,20 @@ async def test_a_body_that_stops_arriving_is_refused_in_time(
         b"application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nAc")
     assert head.startswith(b"HTTP/1.1 400")
     assert body["Code"] == "InvalidParameter"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_content_encoding_is_refused_not_decoded(kms: Kms, encoding: str,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    """The front takes a body only as sent: the ACS3 signature covers those bytes, and a
+    body that did not decode was an unexpected error (500 and a traceback)."""
+    status, content_type, body = await kms.http(
+        "POST", "/?Action=DescribeRegions&Version=2016-01-20",
+        headers={"Content-Type": "application/x-www-form-urlencoded",
+                 "Content-Encoding": encoding},
+        data=b"\x1f\x8b\x08\x00 not really compressed")
+    assert (status, json.loads(body)["Code"]) == (400, "InvalidParameter"), body
+    assert content_type.startswith("application/json")
+    assert b"Content-Encoding" in body
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
