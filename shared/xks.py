@@ -358,19 +358,26 @@ class DecryptRequest:
 def parse_decrypt(body: object) -> DecryptRequest:
     """Validate a Decrypt body.
 
-    Shape errors (missing field, not Base64) are ``ValidationException``. A field that is well
-    formed but cannot belong to a valid ciphertext (IV or tag length) is judged by the key
-    store as ``InvalidCiphertextException``, as the spec's Decrypt row says.
+    The spec's Decrypt row: "the specified ciphertext, initialization vector, additional
+    authenticated data or authentication tag is corrupted, missing, or otherwise invalid"
+    is ``InvalidCiphertextException``, so those four fields, missing or not Base64, are
+    refused as that (their lengths the key store judges the same way). Everything else
+    (the body's shape, requestMetadata, encryptionAlgorithm, ciphertextMetadata) is
+    ``ValidationException``.
 
-    :raises XKSError: ``ValidationException``.
+    :raises XKSError: ``ValidationException`` or ``InvalidCiphertextException``.
     """
     body = _object(body)
     metadata = _metadata(body, _CRYPTO_METADATA)
-    ciphertext = _b64field(body, "ciphertext", required=True)
-    iv = _b64field(body, "initializationVector", required=True)
-    tag = _b64field(body, "authenticationTag", required=True)
-    assert ciphertext is not None and iv is not None and tag is not None
     _algorithm(body)
+    try:
+        ciphertext = _b64field(body, "ciphertext", required=True)
+        iv = _b64field(body, "initializationVector", required=True)
+        tag = _b64field(body, "authenticationTag", required=True)
+        aad = _b64field(body, "additionalAuthenticatedData", required=False)
+    except XKSError as exc:
+        raise XKSError(ErrorName.INVALID_CIPHERTEXT, exc.message) from None
+    assert ciphertext is not None and iv is not None and tag is not None
     ctm = _b64field(body, "ciphertextMetadata", required=False)
     if ctm is not None and len(ctm) > MAX_CTM_BYTES:
         raise _invalid(f"ciphertextMetadata is longer than {MAX_CTM_BYTES} bytes")
@@ -379,7 +386,7 @@ def parse_decrypt(body: object) -> DecryptRequest:
         ciphertext=ciphertext,
         iv=iv,
         tag=tag,
-        aad=_b64field(body, "additionalAuthenticatedData", required=False),
+        aad=aad,
         ciphertext_metadata=ctm,
     )
 

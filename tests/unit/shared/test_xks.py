@@ -443,12 +443,21 @@ def test_parse_decrypt_optional_fields_absent() -> None:
     assert req.ciphertext_metadata is None
 
 
-@pytest.mark.parametrize("missing", ["requestMetadata", "ciphertext", "encryptionAlgorithm",
-                                     "initializationVector", "authenticationTag"])
+@pytest.mark.parametrize("missing", ["requestMetadata", "encryptionAlgorithm"])
 def test_parse_decrypt_required_top_level_fields(missing: str) -> None:
     with pytest.raises(XKSError) as info:
         parse_decrypt(decrypt_body(**{missing: None}))
     assert_validation(info.value)
+    assert missing in info.value.message
+
+
+@pytest.mark.parametrize("missing", ["ciphertext", "initializationVector", "authenticationTag"])
+def test_parse_decrypt_a_missing_ciphertext_part_is_invalid_ciphertext(missing: str) -> None:
+    """The spec's Decrypt row: ciphertext, IV, AAD or tag "corrupted, missing, or otherwise
+    invalid" is InvalidCiphertextException."""
+    with pytest.raises(XKSError) as info:
+        parse_decrypt(decrypt_body(**{missing: None}))
+    assert info.value.name is ErrorName.INVALID_CIPHERTEXT
     assert missing in info.value.message
 
 
@@ -467,7 +476,10 @@ def test_parse_decrypt_required_metadata_fields(missing: str) -> None:
 def test_parse_decrypt_refuses_url_safe_base64(field: str) -> None:
     with pytest.raises(XKSError) as info:
         parse_decrypt(decrypt_body(**{field: "-__-"}))
-    assert_validation(info.value)
+    if field == "ciphertextMetadata":
+        assert_validation(info.value)
+    else:
+        assert info.value.name is ErrorName.INVALID_CIPHERTEXT
     assert field in info.value.message
     # The same bytes in the standard alphabet are accepted.
     parse_decrypt(decrypt_body(**{field: "+//+"}))
@@ -733,10 +745,14 @@ PARSERS = [
 @given(body=any_body)
 def test_parse_only_returns_or_raises_validation(parse: Any, result_type: type,
                                                  body: Any) -> None:
+    """A parser answers a bad body with ValidationException only (Decrypt: or with
+    InvalidCiphertextException for its ciphertext parts, as the spec's table says)."""
+    allowed = {ErrorName.VALIDATION} | (
+        {ErrorName.INVALID_CIPHERTEXT} if parse is parse_decrypt else set())
     try:
         result = parse(body)
     except XKSError as exc:
-        assert exc.name is ErrorName.VALIDATION
+        assert exc.name in allowed
         assert exc.status == 400
         assert len(exc.message) <= 511
     else:
