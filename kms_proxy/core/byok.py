@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import hmac
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -77,6 +77,7 @@ class ImportParameters:
 @dataclass(frozen=True, slots=True)
 class _Entry:
     key_id: str
+    owner: str  # The key's account.
     secret: str = field(repr=False)
     algorithm: str
     private_key: rsa.RSAPrivateKey = field(repr=False)
@@ -84,16 +85,35 @@ class _Entry:
 
 
 class ImportTokens:
-    """Outstanding import tokens of this process."""
+    """Outstanding import tokens of this process, in memory (each holds an RSA private key).
 
-    def __init__(self, clock: Callable[[], datetime], *, capacity: int = 1000) -> None:
+    Bounded, and fair: a key keeps its newest ``per_key`` tokens; when the whole store is
+    full, the oldest token of the account holding the most goes. One account asking for
+    tokens in a loop therefore displaces only its own, never another account's.
+    """
+
+    def __init__(self, clock: Callable[[], datetime], *, capacity: int = 1000,
+                 per_key: int = 8) -> None:
         self._clock = clock
         self._capacity = capacity
+        self._per_key = per_key
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
-    async def issue(self, key_id: str, wrapping_spec: str, algorithm: str
+    def _make_room(self, key_id: str) -> None:
+        now = self._clock()
+        for token_id in [t for t, e in self._entries.items() if e.expires <= now]:
+            del self._entries[token_id]
+        own = [t for t, e in self._entries.items() if e.key_id == key_id]
+        for token_id in own[:max(0, len(own) - self._per_key + 1)]:
+            del self._entries[token_id]
+        while len(self._entries) >= self._capacity:
+            held = Counter(e.owner for e in self._entries.values())
+            heaviest = max(held, key=held.__getitem__)
+            del self._entries[next(t for t, e in self._entries.items() if e.owner == heaviest)]
+
+    async def issue(self, key_id: str, wrapping_spec: str, algorithm: str, *, owner: str
                     ) -> ImportParameters:
-        """A new wrapping key and token for ``key_id``.
+        """A new wrapping key and token for ``key_id`` of account ``owner``.
 
         :raises UnsupportedOperation: for EC_SM2. :raises InvalidParameter:
         """
@@ -110,9 +130,9 @@ class ImportTokens:
         private_key = await asyncio.to_thread(rsa.generate_private_key, 65537, 2048)
         token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
         expires = self._clock() + TOKEN_LIFETIME
-        self._entries[token_id] = _Entry(key_id, secret, algorithm, private_key, expires)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+        self._make_room(key_id)
+        self._entries[token_id] = _Entry(key_id, owner, secret, algorithm, private_key,
+                                         expires)
         public = private_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         return ImportParameters(key_id, f"{token_id}.{secret}", public, expires)

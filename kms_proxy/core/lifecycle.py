@@ -34,6 +34,7 @@ from kms_proxy.core.errors import (
     InvalidParameter,
     KeyNotFound,
     KeyVersionNotFound,
+    KmsError,
     LimitExceeded,
     MissingParameter,
     UnsupportedOperation,
@@ -277,8 +278,9 @@ class KeyLifecycle:
         drops the key, its versions, aliases and tags."""
         backend = self._s._backend(key.kind, key.instance_id)
         for version in await self._s._store.list_versions(key.key_id):
-            if version.material:
-                await backend.destroy(version, key.spec)
+            # Also a version with no stored material: an import whose save failed can have
+            # left its token object (the HSM backend finds objects by the version's label).
+            await backend.destroy(version, key.spec)
             self._s._versions.pop(version.version_id, None)
         await self._s._store.delete_key(key.key_id)
         self._s._keys.pop(key.key_id, None)
@@ -291,7 +293,8 @@ class KeyLifecycle:
         key = await self._s.resolve(principal, key_ref)
         require_import(key, Op.GET_PARAMETERS_FOR_IMPORT, principal.kind)
         require_state(key.state, Op.GET_PARAMETERS_FOR_IMPORT)
-        return await self._imports.issue(key.key_id, wrapping_spec, algorithm)
+        return await self._imports.issue(key.key_id, wrapping_spec, algorithm,
+                                         owner=key.account_id)
 
     async def import_key_material(self, principal: Principal, key_ref: str, *,
                                   encrypted: bytes, token: str,
@@ -355,10 +358,12 @@ class KeyLifecycle:
     async def _drop_material(self, key: Key) -> Key:
         version = await self._s._version(key.primary_version_id)
         versions = []
-        if version is not None and version.material:
+        if version is not None:
+            # Whatever the record holds (see _delete_now).
             await self._s._backend(key.kind, key.instance_id).destroy(version, key.spec)
-            versions.append(dataclasses.replace(version, material=b""))
             self._s._versions.pop(version.version_id, None)
+            if version.material:
+                versions.append(dataclasses.replace(version, material=b""))
         state = key.state if key.state is KeyState.PENDING_DELETION \
             else KeyState.PENDING_IMPORT
         return await self._s._save(dataclasses.replace(key, state=state, material_expire=None),
@@ -409,7 +414,8 @@ class KeyLifecycle:
             raise InstanceNotFound(key.instance_id or "")
         if key.state is KeyState.PENDING_DELETION:
             key = dataclasses.replace(key, state=KeyState.DISABLED, delete_date=None)
-        if await self._s._store.get_key(key.key_id) is not None:
+        existing = await self._s._store.get_key(key.key_id)
+        if existing is not None and await self.current(existing) is not None:
             # Said before the quota is looked at: a full instance is not the reason.
             raise InvalidParameter("KeyBackup", f"the key {key.key_id} exists")
         try:
@@ -468,31 +474,37 @@ class KeyLifecycle:
         events: list[SystemEvent] = []
         now = self._s.clock()
         for key in await self._s._store.all_keys():
-            async with self._s.key_locks.hold(key.key_id):
-                settled = await self._settle(key, events)
-                if settled is None:
-                    continue
-                interval = settled.rotation_interval
-                if interval is None or settled.state is not KeyState.ENABLED:
-                    continue
-                last = parse_time(settled.last_rotation or settled.created)
-                if last + timedelta(seconds=interval) > now:
-                    continue
-                try:
-                    require_rotation(settled, Op.CREATE_KEY_VERSION, PrincipalKind.USER,
-                                     addon=self._has_addon(settled))
-                except UnsupportedOperation:
-                    continue  # e.g. the account dropped the add-on: the policy waits.
-                try:
-                    version = await self._rotate(settled,
-                                                 system_principal(settled.account_id))
-                except LimitExceeded as exc:
-                    # One full instance must not stop the sweep for every other key.
-                    log.warning("automatic rotation of %s waits: %s", settled.key_id, exc)
-                    continue
-                self._emit(SystemEvent("CreateKeyVersion", settled, version.version_id),
-                           events)
+            try:
+                await self._sweep_key(key, now, events)
+            except KmsError as exc:
+                # One key's backend being down (a token, an EKM) must not stop the sweep for
+                # every key after it; this one is tried again at the next sweep.
+                log.warning("lifecycle sweep skipped %s this time: %s", key.key_id, exc)
         return events
+
+    async def _sweep_key(self, key: Key, now: datetime, events: list[SystemEvent]) -> None:
+        """What is due on one key: its deletion or expiry, then its automatic rotation."""
+        async with self._s.key_locks.hold(key.key_id):
+            settled = await self._settle(key, events)
+            if settled is None:
+                return
+            interval = settled.rotation_interval
+            if interval is None or settled.state is not KeyState.ENABLED:
+                return
+            last = parse_time(settled.last_rotation or settled.created)
+            if last + timedelta(seconds=interval) > now:
+                return
+            try:
+                require_rotation(settled, Op.CREATE_KEY_VERSION, PrincipalKind.USER,
+                                 addon=self._has_addon(settled))
+            except UnsupportedOperation:
+                return  # e.g. the account dropped the add-on: the policy waits.
+            try:
+                version = await self._rotate(settled, system_principal(settled.account_id))
+            except LimitExceeded as exc:
+                log.warning("automatic rotation of %s waits: %s", settled.key_id, exc)
+                return
+            self._emit(SystemEvent("CreateKeyVersion", settled, version.version_id), events)
 
 
 def _deletion_due(key: Key, now: datetime) -> bool:

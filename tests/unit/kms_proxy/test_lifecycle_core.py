@@ -1226,3 +1226,115 @@ async def test_the_store_never_holds_imported_material(build: Build, clock: Cloc
         data = file.read_bytes()
         for needle in needles:
             assert needle not in data, f"imported material in {file.name}"
+
+
+# -- a backend that is down, and what it must not take with it ---------------------------
+
+
+async def _token_lost(pool: PKCS11Pool) -> None:
+    """The token drops every session (a restart, a failover): the next call into it fails
+    once, then the pool recovers."""
+    with pool._module_lock:
+        pool._lib.reinitialize()
+
+
+async def test_one_keys_backend_failing_does_not_stop_the_sweep(
+        build: Build, clock: Clock, hsm: HSMBackend, pool: PKCS11Pool) -> None:
+    """The sweep stopped at the first key whose backend failed: every key after it waited
+    for as long as that backend was down."""
+    service = (await build(hsm=hsm)).service
+    hardware = await create(service, instance=HARDWARE_INSTANCE, storage=DATABASE)
+    software = await create(service)
+    doomed = await create(service)
+    for key in (hardware, software):
+        await service.lifecycle.update_rotation_policy(USER, key.key_id, enabled=True,
+                                                       interval=7 * DAY_S)
+    await service.lifecycle.schedule_key_deletion(USER, doomed.key_id, 7)
+    clock.advance(8 * DAY)
+    await _token_lost(pool)
+    done = await sweep(service)  # The hardware key (first) fails; the others go on.
+    assert sorted(done) == sorted([("CreateKeyVersion", software.key_id),
+                                   ("DeleteKey", doomed.key_id)])
+    assert await sweep(service) == [("CreateKeyVersion", hardware.key_id)]  # Next time.
+
+
+async def test_listing_keys_survives_a_due_keys_backend_being_down(
+        build: Build, clock: Clock, hsm: HSMBackend, pool: PKCS11Pool) -> None:
+    service = (await build(hsm=hsm)).service
+    hardware = await create(service, instance=HARDWARE_INSTANCE, storage=INTERNAL)
+    software = await create(service)
+    await service.lifecycle.schedule_key_deletion(USER, hardware.key_id, 7)
+    clock.advance(8 * DAY)
+    await _token_lost(pool)
+    listed = await service.list_keys(USER, filters=[], page_number=1, page_size=100)
+    # The due key is shown as stored (its deletion waits for the token), not a 503 for all.
+    assert {k.key_id for k in listed.items} >= {hardware.key_id, software.key_id}
+    listed = await service.list_keys(USER, filters=[], page_number=1, page_size=100)
+    assert hardware.key_id not in {k.key_id for k in listed.items}  # Token back: deleted.
+
+
+async def test_deletion_destroys_a_token_object_a_failed_import_left(
+        build: Build, clock: Clock, hsm: HSMBackend, pool: PKCS11Pool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HsmInternal import whose database write failed leaves its token object; the
+    version still has no stored material, and deletion skipped such versions, so the
+    customer's material stayed in the HSM after the key was gone."""
+    env = await build(hsm=hsm)
+    service, store = env.service, env.store
+    key = await create(service, origin=Origin.EXTERNAL, instance=HARDWARE_INSTANCE,
+                       storage=INTERNAL)
+    real_update = store.update_key
+    failures = iter([sqlite3.OperationalError("disk I/O error")])
+
+    async def fails_once(*args: Any, **kwargs: Any) -> None:
+        for failure in failures:
+            raise failure
+        await real_update(*args, **kwargs)
+
+    monkeypatch.setattr(store, "update_key", fails_once)
+    with pytest.raises(sqlite3.OperationalError):
+        await import_material(service, key.key_id, os.urandom(32))
+    label = key.primary_version_id
+    assert len(await pool.run(token_objects(LABEL=label))) == 1
+    await service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+    clock.advance(7 * DAY)
+    assert await sweep(service) == [("DeleteKey", key.key_id)]
+    assert await pool.run(token_objects(LABEL=label)) == []
+
+
+async def test_a_loop_of_import_requests_cannot_push_out_another_accounts_token(
+        clock: Clock) -> None:
+    """The outstanding import tokens were one FIFO for every account: 1000
+    GetParametersForImport calls by one tenant invalidated every other tenant's token."""
+    from cryptography.hazmat.primitives.asymmetric import padding as asym
+
+    from kms_proxy.core.byok import ImportTokens
+
+    tokens = ImportTokens(clock, capacity=6, per_key=2)
+    alice = await tokens.issue("key-alice", "RSA_2048", "RSAES_OAEP_SHA_256", owner="111111")
+    for key in ("key-bob-1", "key-bob-1", "key-bob-1", "key-bob-2", "key-bob-3", "key-bob-4",
+                "key-bob-5", "key-bob-6"):
+        last = await tokens.issue(key, "RSA_2048", "RSAES_OAEP_SHA_256", owner="222222")
+    material = os.urandom(32)
+
+    def wrapped(params: Any) -> bytes:
+        public = serialization.load_der_public_key(params.public_key_der)
+        assert isinstance(public, rsa.RSAPublicKey)
+        return public.encrypt(material, asym.OAEP(asym.MGF1(hashes.SHA256()), hashes.SHA256(),
+                                                  None))
+
+    assert await tokens.unwrap("key-alice", alice.token, wrapped(alice)) == material
+    assert await tokens.unwrap("key-bob-6", last.token, wrapped(last)) == material
+
+
+async def test_a_key_past_its_deletion_window_can_be_restored_before_the_sweep(
+        build: Build, clock: Clock) -> None:
+    """It is gone for every other action; RestoreKeyBackup said it still existed."""
+    service = (await build()).service
+    key = await create(service)
+    _, backup = await service.lifecycle.backup_key(USER, key.key_id)
+    await service.lifecycle.schedule_key_deletion(USER, key.key_id, 7)
+    clock.advance(7 * DAY)
+    restored = await service.lifecycle.restore_key_backup(USER, backup)
+    assert restored.key_id == key.key_id
+    assert (await service.describe_key(USER, key.key_id)).state is KeyState.ENABLED
