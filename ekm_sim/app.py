@@ -244,12 +244,25 @@ async def _body(request: web.Request, operation: str) -> Any:
     request[LOG_FIELDS]["operation"] = operation
     if request.content_type != "application/json":
         raise XKSError(ErrorName.VALIDATION, "Content-Type must be application/json")
+    fields = request[LOG_FIELDS]
+    fields["keyId"] = request.match_info.get("key_id")
     try:
-        return json.loads(await request.read())
+        body = json.loads(await request.read())
     except (ValueError, RecursionError):
         # ValueError covers UnicodeDecodeError; RecursionError is nesting deeper than the
         # parser's recursion limit (400 KB of "[" is under the body limit).
         raise XKSError(ErrorName.VALIDATION, "the body is not valid JSON") from None
+    # Logged before validation too (spec: log each call's request metadata, and whether it
+    # failed): a request the parser refuses still names its kmsRequestId.
+    metadata = body.get("requestMetadata") if isinstance(body, dict) else None
+    if isinstance(metadata, dict):
+        for log_name, wire_name in (("kmsRequestId", "kmsRequestId"),
+                                    ("kmsOperation", "kmsOperation"),
+                                    ("principal", "awsPrincipalArn")):
+            value = metadata.get(wire_name)
+            if isinstance(value, str):
+                fields[log_name] = value[:512]
+    return body
 
 
 def _note(request: web.Request, metadata: xks.RequestMetadata, key_id: str | None) -> None:
@@ -313,6 +326,17 @@ async def get_health_status(request: web.Request) -> web.Response:
     ).to_wire())
 
 
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` as aiohttp does it; any other expectation gets an XKS error
+    (aiohttp's own answer was a text/plain 417, and every answer here is JSON)."""
+    if request.headers.get("Expect", "").strip().lower() == "100-continue":
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+    return render_error(XKSError(ErrorName.VALIDATION, "only Expect: 100-continue is "
+                                                       "understood"))
+
+
 async def ping(request: web.Request) -> web.Response:
     """Load balancer health check (spec L718-721): no auth, no crypto."""
     return web.Response(text=f"pong from ekm-sim {__version__}")
@@ -324,10 +348,11 @@ def _store_app(store: StoreConfig, verifier: SigV4Verifier) -> web.Application:
     app[VERIFIER] = verifier
     if store.quota_rps > 0:
         app[BUCKET] = TokenBucket(rate=store.quota_rps, burst=max(1.0, store.quota_rps))
-    app.router.add_post("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/metadata", get_key_metadata)
-    app.router.add_post("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/encrypt", encrypt)
-    app.router.add_post("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/decrypt", decrypt)
-    app.router.add_post("/health", get_health_status)
+    for path, handler in (("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/metadata", get_key_metadata),
+                          ("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/encrypt", encrypt),
+                          ("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/decrypt", decrypt),
+                          ("/health", get_health_status)):
+        app.router.add_post(path, handler, expect_handler=_expect)
     return app
 
 

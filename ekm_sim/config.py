@@ -20,7 +20,7 @@ from shared.pkcs11pool import DispatchMode, PoolConfig
 from shared.serving import EVENT_LOOPS
 from shared.sigv4 import ACCESS_KEY_ID_PATTERN, SECRET_PATTERN, Credential
 from shared.tomlconfig import ConfigError, TableReader, read_toml
-from shared.xks import MAX_AAD_BYTES, MIN_AAD_BYTES, MIN_PLAINTEXT_BYTES
+from shared.xks import EXTERNAL_KEY_ID, MAX_AAD_BYTES, MIN_AAD_BYTES, MIN_PLAINTEXT_BYTES
 
 __all__ = [
     "ENV_PREFIX",
@@ -37,10 +37,10 @@ __all__ = [
 
 ENV_PREFIX: Final = "EKM_SIM__"
 DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
-# XksProxyUriPath allows [a-zA-Z0-9/_-] (spec L128); the prefix is that path without
-# the trailing /kms/xks/v1 and without a leading slash, as the public test client takes it.
-_PREFIX: Final = re.compile(r"[a-zA-Z0-9/_-]{0,110}")
-_KEY_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# XksProxyUriPath allows [a-zA-Z0-9/_-] and at most 128 characters (spec L128); the prefix
+# is that path without the leading slash and the trailing /kms/xks/v1 (12 characters in
+# all), as the public test client takes it.
+_PREFIX: Final = re.compile(r"[a-zA-Z0-9/_-]{0,116}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +223,7 @@ def _health(r: TableReader) -> HealthConfig:
 def _store(r: TableReader) -> StoreConfig:
     prefix = r.get("uri_prefix", str, required=True).strip("/")
     r.check(bool(_PREFIX.fullmatch(prefix)) and "//" not in prefix, "uri_prefix",
-            "must be <=110 chars of [a-zA-Z0-9/_-] without empty segments")
+            "must be <=116 chars of [a-zA-Z0-9/_-] without empty segments")
     raw_creds = r.get("credentials", list, required=True)
     creds = []
     for i, raw in enumerate(raw_creds):
@@ -239,7 +239,7 @@ def _store(r: TableReader) -> StoreConfig:
     r.check(len({c.access_key_id for c in creds}) == len(creds), "credentials",
             "has a repeated access_key_id")
     keys = r.strings("keys", ("*",))
-    r.check(all(k == "*" or _KEY_ID.fullmatch(k) for k in keys), "keys",
+    r.check(all(k == "*" or EXTERNAL_KEY_ID.fullmatch(k) for k in keys), "keys",
             "must hold key ids of [A-Za-z0-9._-] or '*'")
     quota = r.get("quota_rps", float, 0.0)
     r.check(quota >= 0, "quota_rps", "must be >= 0")

@@ -206,18 +206,37 @@ class RequestMetadata:
 _KNOWN_METADATA = frozenset({"kmsRequestId", "kmsOperation", "awsPrincipalArn", "kmsKeyArn"})
 
 
+# Opaque to the proxy: "MUST NOT perform any validation on its structure" (kmsRequestId) and
+# "MUST NOT reject ... a kmsOperation other than those listed": an empty string is one too.
+_OPAQUE_METADATA = frozenset({"kmsRequestId", "kmsOperation"})
+
+
 def _metadata(body: Mapping[str, Any], required: tuple[str, ...]) -> RequestMetadata:
+    """``requestMetadata`` with the fields this API defines (``required``) checked. The
+    others, known names included (``kmsKeyArn`` is no GetKeyMetadata field in 1.0.3), are
+    kept as sent and not judged: KMS may add fields (Appendix B)."""
     raw = body.get("requestMetadata")
     if not isinstance(raw, dict):
         raise _invalid("requestMetadata is required and must be an object")
-    values = {name: _string(raw, name, required=name in required) for name in _KNOWN_METADATA}
-    # Unknown fields (awsSourceVpc, kmsViaService, future Appendix B fields) are kept, not refused.
-    extra = {k: v for k, v in raw.items() if k not in _KNOWN_METADATA}
+    values: dict[str, str | None] = {}
+    for name in required:
+        value = raw.get(name)
+        if name in _OPAQUE_METADATA and isinstance(value, str):
+            values[name] = value
+        else:
+            values[name] = _string(raw, name, required=True)
+    for name in _KNOWN_METADATA - set(required):
+        value = raw.get(name)
+        values[name] = value if isinstance(value, str) else None
+    # Unknown fields (awsSourceVpc, kmsViaService, future Appendix B fields) and known ones
+    # this API does not define are kept, not refused.
+    extra = {k: v for k, v in raw.items()
+             if k not in _KNOWN_METADATA or (k not in required and values.get(k) is None)}
     return RequestMetadata(
-        kms_request_id=values["kmsRequestId"] or "",
-        kms_operation=values["kmsOperation"] or "",
-        aws_principal_arn=values["awsPrincipalArn"],
-        kms_key_arn=values["kmsKeyArn"],
+        kms_request_id=values.get("kmsRequestId") or "",
+        kms_operation=values.get("kmsOperation") or "",
+        aws_principal_arn=values.get("awsPrincipalArn"),
+        kms_key_arn=values.get("kmsKeyArn"),
         extra=extra,
     )
 

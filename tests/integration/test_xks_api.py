@@ -598,3 +598,30 @@ async def test_a_content_encoding_is_refused_not_decoded(sim: Sim, encoding: str
                                                                                reply)
         assert "Content-Encoding" in reply["errorMessage"]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_an_unknown_expectation_gets_an_xks_error(sim: Sim) -> None:
+    """Every answer is XKS JSON: aiohttp answered an unknown Expect with a text/plain 417."""
+    status, reply = await sim.call("health", {"requestMetadata": metadata()},
+                                   headers={"Expect": "200-ok"})
+    assert (status, reply["errorName"]) == (400, "ValidationException")
+    # 100-continue is still honoured.
+    status, reply = await sim.call("health", {"requestMetadata": {
+        "kmsRequestId": "r", "kmsOperation": "KmsHealthCheck"}},
+        headers={"Expect": "100-continue"})
+    assert status == 200, reply
+
+
+async def test_a_refused_body_still_logs_its_request_metadata(
+        sim: Sim, caplog: pytest.LogCaptureFixture) -> None:
+    """Spec: log each call's request metadata (kmsRequestId above all) and its outcome; a
+    body the parser refused logged no kmsRequestId and no keyId."""
+    caplog.set_level(logging.INFO, logger="ekm_sim.requests")
+    status, reply = await sim.call("keys/foo/encrypt", {
+        "requestMetadata": metadata(kmsRequestId="REQ-REFUSED-1"),
+        "encryptionAlgorithm": "AES_GCM"})  # No plaintext.
+    assert (status, reply["errorName"]) == (400, "ValidationException")
+    [line] = [json.loads(r.getMessage()) for r in caplog.records
+              if r.name == "ekm_sim.requests"]
+    assert (line["kmsRequestId"], line["keyId"], line["outcome"]) == (
+        "REQ-REFUSED-1", "foo", "ValidationException")

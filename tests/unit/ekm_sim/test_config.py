@@ -336,9 +336,22 @@ def test_missing_uri_prefix(tmp_path: Path) -> None:
     expect_error(tmp_path, text, "stores[0].uri_prefix")
 
 
-@pytest.mark.parametrize("prefix", ["has space", "dots.not.allowed", "q?x", "a" * 111])
+@pytest.mark.parametrize("prefix", ["has space", "dots.not.allowed", "q?x", "a" * 117])
 def test_bad_uri_prefix(tmp_path: Path, prefix: str) -> None:
     expect_error(tmp_path, with_stores(store_toml(prefix, (AK_A, SK_A))), "stores[0].uri_prefix")
+
+
+def test_the_longest_uri_prefix_makes_a_128_character_path(tmp_path: Path) -> None:
+    """Spec: the whole XksProxyUriPath, /<prefix>/kms/xks/v1, may have 128 characters."""
+    config = load_text(tmp_path, with_stores(store_toml("a" * 116, (AK_A, SK_A))))
+    assert len(config.stores[0].base_path) == 128
+
+
+@pytest.mark.parametrize("key_id", [".", ".."])
+def test_a_store_cannot_list_a_dot_segment_key(tmp_path: Path, key_id: str) -> None:
+    expect_error(tmp_path, with_stores(store_toml("p", (AK_A, SK_A),
+                                                  extra=f'keys = ["{key_id}"]')),
+                 "stores[0].keys")
 
 
 def test_repeated_uri_prefix(tmp_path: Path) -> None:

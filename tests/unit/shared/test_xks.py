@@ -340,10 +340,26 @@ def test_parse_encrypt_required_metadata_fields(missing: str) -> None:
 
 @pytest.mark.parametrize("field", ["kmsRequestId", "kmsOperation", "awsPrincipalArn"])
 def test_parse_encrypt_refuses_empty_or_non_string_required_metadata(field: str) -> None:
+    # kmsRequestId and kmsOperation are opaque (spec: no validation of their structure,
+    # no refusal of an unlisted operation): an empty string is accepted.
+    opaque = field in ("kmsRequestId", "kmsOperation")
     for bad in ("", 5, ["x"], {"a": 1}, True):
+        if opaque and bad == "":
+            parsed = parse_encrypt(encrypt_body(requestMetadata=crypto_metadata(**{field: ""})))
+            assert parsed.metadata.to_wire()[field] == ""
+            continue
         with pytest.raises(XKSError) as info:
             parse_encrypt(encrypt_body(requestMetadata=crypto_metadata(**{field: bad})))
         assert_validation(info.value)
+
+
+def test_fields_an_api_does_not_define_are_not_judged() -> None:
+    """Appendix B: KMS may add fields. kmsKeyArn is no GetKeyMetadata or GetHealthStatus
+    field in 1.0.3, awsPrincipalArn no GetHealthStatus one: kept as sent, not refused."""
+    md = parse_metadata(metadata_body(kmsKeyArn=5))
+    assert md.kms_key_arn is None and md.extra == {"kmsKeyArn": 5}
+    health = parse_health(health_body(awsPrincipalArn=1, kmsKeyArn=["x"]))
+    assert health.extra == {"awsPrincipalArn": 1, "kmsKeyArn": ["x"]}
 
 
 @pytest.mark.parametrize("bad", [[], "x", 5, None, True])
@@ -550,7 +566,7 @@ def test_parse_health_needs_only_request_id_and_operation() -> None:
 @pytest.mark.parametrize(
     "body",
     [{}, {"requestMetadata": {}}, health_body(kmsRequestId=None), health_body(kmsOperation=None),
-     health_body(kmsRequestId=""), health_body(kmsOperation=""), health_body(kmsOperation=3)],
+     health_body(kmsOperation=3), health_body(kmsRequestId=7)],
 )
 def test_parse_health_validation(body: Any) -> None:
     with pytest.raises(XKSError) as info:
