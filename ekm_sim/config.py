@@ -37,6 +37,9 @@ __all__ = [
 
 ENV_PREFIX: Final = "EKM_SIM__"
 DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
+# The largest plaintext limit a request body (ekm_sim.app, 512 KiB) can carry in Base64 with
+# a 64 KiB AAD; above it the body limit, not this one, would answer.
+MAX_PLAINTEXT_LIMIT: Final = 256 * 1024
 # XksProxyUriPath allows [a-zA-Z0-9/_-] and at most 128 characters (spec L128); the prefix
 # is that path without the leading slash and the trailing /kms/xks/v1 (12 characters in
 # all), as the public test client takes it.
@@ -203,8 +206,10 @@ def _limits(r: TableReader) -> LimitsConfig:
         max_plaintext_bytes=r.get("max_plaintext_bytes", int, 65536),
         max_aad_bytes=r.get("max_aad_bytes", int, MAX_AAD_BYTES),
     )
-    r.check(limits.max_plaintext_bytes >= MIN_PLAINTEXT_BYTES, "max_plaintext_bytes",
-            f"must be at least the spec minimum {MIN_PLAINTEXT_BYTES}")
+    r.check(MIN_PLAINTEXT_BYTES <= limits.max_plaintext_bytes <= MAX_PLAINTEXT_LIMIT,
+            "max_plaintext_bytes", f"must be {MIN_PLAINTEXT_BYTES} (the spec's minimum) to "
+                                   f"{MAX_PLAINTEXT_LIMIT} (what a 512 KiB request body "
+                                   "holds in Base64, with the largest AAD)")
     r.check(MIN_AAD_BYTES <= limits.max_aad_bytes <= MAX_AAD_BYTES, "max_aad_bytes",
             f"must be {MIN_AAD_BYTES}-{MAX_AAD_BYTES}")
     return limits

@@ -625,3 +625,18 @@ async def test_a_refused_body_still_logs_its_request_metadata(
               if r.name == "ekm_sim.requests"]
     assert (line["kmsRequestId"], line["keyId"], line["outcome"]) == (
         "REQ-REFUSED-1", "foo", "ValidationException")
+
+
+async def test_the_largest_plaintext_limit_fits_the_body_limit(
+        start_sim: StartSim, make_config: Callable[..., Config]) -> None:
+    """The configured plaintext limit decides, never the body limit under it."""
+    from ekm_sim.config import MAX_PLAINTEXT_LIMIT, LimitsConfig
+
+    sim = await start_sim(make_config(limits=LimitsConfig(
+        max_plaintext_bytes=MAX_PLAINTEXT_LIMIT)))
+    aad = os.urandom(65535)
+    status, sealed = await sim.encrypt("foo", os.urandom(MAX_PLAINTEXT_LIMIT), aad, cdiv=True)
+    assert status == 200, sealed
+    status, reply = await sim.encrypt("foo", os.urandom(MAX_PLAINTEXT_LIMIT + 1), aad)
+    assert (status, reply["errorName"]) == (501, "UnsupportedOperationException"), reply
+    assert "plaintext" in reply["errorMessage"]

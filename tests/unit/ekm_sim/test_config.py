@@ -414,6 +414,8 @@ def test_require_client_cert_needs_tls(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("section", "field", "value"), [
     ("limits", "max_plaintext_bytes", 4299),
+    # Past what the 512 KiB body limit carries: that limit would answer instead.
+    ("limits", "max_plaintext_bytes", 256 * 1024 + 1),
     ("limits", "max_aad_bytes", 8191),
     ("limits", "max_aad_bytes", 65536),
 ])
