@@ -244,10 +244,11 @@ class KeyLifecycle:
 
         :raises DeletionProtected: :raises InvalidParameter: :raises KeyStateInvalid:
         """
-        if not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
-            raise InvalidParameter("PendingWindowInDays",
-                                   f"{MIN_PENDING_DAYS} to {MAX_PENDING_DAYS} days")
         async with self._s.changing(principal, key_ref, Op.SCHEDULE_KEY_DELETION) as key:
+            # The key, its kind and state first, then the parameter (the module's order).
+            if not MIN_PENDING_DAYS <= pending_days <= MAX_PENDING_DAYS:
+                raise InvalidParameter("PendingWindowInDays",
+                                       f"{MIN_PENDING_DAYS} to {MAX_PENDING_DAYS} days")
             if key.deletion_protection:
                 raise DeletionProtected(key.key_id)
             delete_date = format_time(self._s.clock() + timedelta(days=pending_days))
@@ -266,9 +267,10 @@ class KeyLifecycle:
 
     async def set_deletion_protection(self, principal: Principal, key_ref: str,
                                       *, enabled: bool, description: str) -> Key:
-        if len(description) > 8192:
-            raise InvalidParameter("DeletionProtectionDescription", "at most 8192 characters")
         async with self._s.changing(principal, key_ref, Op.SET_DELETION_PROTECTION) as key:
+            if len(description) > 8192:
+                raise InvalidParameter("DeletionProtectionDescription",
+                                       "at most 8192 characters")
             return await self._s._save(dataclasses.replace(
                 key, deletion_protection=enabled,
                 deletion_protection_description=description if enabled else ""))

@@ -1338,3 +1338,20 @@ async def test_a_key_past_its_deletion_window_can_be_restored_before_the_sweep(
     restored = await service.lifecycle.restore_key_backup(USER, backup)
     assert restored.key_id == key.key_id
     assert (await service.describe_key(USER, key.key_id)).state is KeyState.ENABLED
+
+
+async def test_the_key_is_judged_before_the_window(build: Build) -> None:
+    """The module's order: the key, its kind and state, then the parameters. A window out
+    of range on a key that does not exist said InvalidParameter, not KeyNotFound."""
+    service = (await build()).service
+    with pytest.raises(KeyNotFound):
+        await service.lifecycle.schedule_key_deletion(USER, "key-hzznothere", 3)
+    service_key = (await service.encrypt(OSS, "alias/acs/oss", b"x", None)).key_id
+    with pytest.raises(UnsupportedOperation):
+        await service.lifecycle.schedule_key_deletion(USER, service_key, 3)
+    with pytest.raises(KeyNotFound):
+        await service.lifecycle.set_deletion_protection(USER, "key-hzznothere", enabled=True,
+                                                        description="d" * 9000)
+    key = await create(service)
+    with pytest.raises(InvalidParameter, match="PendingWindowInDays"):
+        await service.lifecycle.schedule_key_deletion(USER, key.key_id, 3)
