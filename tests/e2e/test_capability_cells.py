@@ -139,12 +139,27 @@ def _refusal_names(call: Callable[[], Any], needle: str) -> None:
 
 def data_crypto(w: World, kind: str, cell: str) -> None:
     key_id = w.subject(kind)
+    user = w.users[0]
     if cell == "yes":
-        _round_trip(w.users[0], key_id)
-    else:
-        _refusal_names(lambda: w.users[0].encrypt(m.EncryptRequest(key_id=key_id,
-                                                                   plaintext="x")),
-                       "data encrypt/decrypt")
+        _round_trip(user, key_id)
+        return
+    _refusal_names(lambda: user.encrypt(m.EncryptRequest(key_id=key_id, plaintext="x")),
+                   "data encrypt/decrypt")
+    # Every other data action too, and a blob the cloud service sealed (Decrypt takes the
+    # key from the blob, through a path of its own).
+    _refusal_names(lambda: user.generate_data_key(m.GenerateDataKeyRequest(key_id=key_id)),
+                   "data encrypt/decrypt")
+    _refusal_names(lambda: user.generate_data_key_without_plaintext(
+        m.GenerateDataKeyWithoutPlaintextRequest(key_id=key_id)), "data encrypt/decrypt")
+    own = user.encrypt(m.EncryptRequest(key_id=w.subject("software key"), plaintext="x"))
+    _refusal_names(lambda: user.re_encrypt(m.ReEncryptRequest(
+        ciphertext_blob=own.body.ciphertext_blob, destination_key_id=key_id)),
+        "data encrypt/decrypt")
+    status, sealed = w.oss().call(
+        "Encrypt", KeyId="alias/acs/oss" if kind == "service key" else key_id, Plaintext="x")
+    assert status == 200, sealed
+    _refusal_names(lambda: user.decrypt(m.DecryptRequest(
+        ciphertext_blob=sealed["CiphertextBlob"])), "data encrypt/decrypt")
 
 
 def sign_verify(w: World, kind: str, cell: str) -> None:
@@ -191,9 +206,12 @@ def rotation(w: World, kind: str, cell: str) -> None:
             key_id=w.subject(kind))), "rotation")
         return
     if cell == "with the add-on":
-        # Without the add-on (first account): refused, naming it.
+        # Without the add-on (first account): refused, naming it, by hand or as a policy.
         _refusal_names(lambda: user.create_key_version(m.CreateKeyVersionRequest(
             key_id=w.subject(kind))), "add-on")
+        _refusal_names(lambda: user.update_rotation_policy(m.UpdateRotationPolicyRequest(
+            key_id=w.subject(kind), enable_automatic_rotation=True,
+            rotation_interval="365d")), "add-on")
         # With it (second account): a new primary version; the old one still decrypts.
         key_id, addon_user = w.subject(kind, 1), w.users[1]
         oss = w.oss(1)
