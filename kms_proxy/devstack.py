@@ -226,7 +226,7 @@ def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
     # The hardware instances' token: a SoftHSM2 token of its own, not the EKM's.
     config = load(config_path)
     assert config.hsm is not None
-    _warn_if_elsewhere(config_path, ekm["url"])
+    _warn_if_kept(config_path, ekm["url"], port=port, bind=bind)
     write_softhsm_conf(workdir / "hsm" / "tokens", workdir / "hsm" / "softhsm2.conf")
     init_token(label=config.hsm.token_label, user_pin=config.hsm.user_pin,
                so_pin=_random(12), softhsm_conf=config.hsm.softhsm_conf)
@@ -315,11 +315,20 @@ def _ekm_info(ekm_workdir: Path, timeout: float) -> dict[str, Any]:
         time.sleep(0.2)
 
 
-def _warn_if_elsewhere(config_path: Path, ekm_url: str) -> None:
-    """An existing config keeps its external instances' endpoint (and pinned certificate):
-    say so when the simulator now answers elsewhere."""
-    kept = {i.xki.endpoint for i in load(config_path).instances if i.xki is not None}
-    if kept and kept != {ekm_url}:
-        print(f"kms-proxy dev up: {config_path} keeps the external key manager at "
-              f"{', '.join(sorted(kept))}, but the simulator is at {ekm_url}; use a new "
-              "workdir (or edit [instances.xki])", file=sys.stderr)
+def _warn_if_kept(config_path: Path, ekm_url: str, *, port: int, bind: str) -> None:
+    """An existing config keeps its port, its address and its external instances' endpoint
+    (and pinned certificate): say so when this call asked for others, or when the
+    simulator now answers elsewhere."""
+    config = load(config_path)
+    kept = [f"{what} {have} (asked: {asked})"
+            for what, have, asked, default in (("port", config.server.port, port, 0),
+                                               ("bind", config.server.host, bind,
+                                                "127.0.0.1"))
+            if asked != default and asked != have]
+    endpoints = {i.xki.endpoint for i in config.instances if i.xki is not None}
+    if endpoints and endpoints != {ekm_url}:
+        kept.append(f"the external key manager at {', '.join(sorted(endpoints))} (the "
+                    f"simulator is at {ekm_url})")
+    if kept:
+        print(f"kms-proxy dev up: {config_path} exists and keeps {'; '.join(kept)}; use a "
+              "new workdir, or edit it", file=sys.stderr)
