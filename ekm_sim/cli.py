@@ -143,12 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        foreground=args.foreground)
 
                 if args.foreground:
-                    def serving() -> int:
-                        info = start()
-                        print(f"ekm-sim: serving at {info['url']}", flush=True)
-                        return int(str(info["pid"]))
-
-                    return run_in_foreground(serving, args.workdir / "ekm.json")
+                    return run_in_foreground(
+                        lambda: f"ekm-sim: serving at {start()['url']}",
+                        ready_file=args.workdir / "ekm.json",
+                        pid_file=args.workdir / devstack.PID_FILE)
                 print(json.dumps(start(), indent=2))
             else:
                 devstack.down(args.workdir)

@@ -8,6 +8,7 @@ client_cert, client_key, keys{default, encrypt_only, decrypt_only, impotent}, pi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -21,7 +22,10 @@ from ekm_sim.admin import AdminError, write_softhsm_conf
 from shared.certs import DevCA
 from shared.serving import BackgroundError, start_background, stop_process, write_atomically
 
-__all__ = ["TEST_CLIENT_CREDENTIAL", "down", "make_certs", "up"]
+__all__ = ["PID_FILE", "TEST_CLIENT_CREDENTIAL", "down", "make_certs", "up"]
+
+# The server's pid, written the moment it starts (``start_background``).
+PID_FILE: Final = "ekm-sim.pid"
 
 # The public XKS test client's default credentials, so vendors can run it with no flags.
 TEST_CLIENT_CREDENTIAL: Final = ("BETWEEN2TENAND3TENCHARACTERS",
@@ -92,11 +96,20 @@ def _warn_if_kept(config_path: Path, *, port: int, workers: int, bind: str,
             if asked != default and asked != have]
     cert = config_path.parent / "certs" / "server.pem"
     if name is not None and cert.exists():
+        import ipaddress
+
         from cryptography import x509
 
-        names = x509.load_pem_x509_certificate(cert.read_bytes()).extensions \
-            .get_extension_for_class(x509.SubjectAlternativeName).value
-        if name not in names.get_values_for_type(x509.DNSName):
+        try:
+            names = x509.load_pem_x509_certificate(cert.read_bytes()).extensions \
+                .get_extension_for_class(x509.SubjectAlternativeName).value
+            named = {*names.get_values_for_type(x509.DNSName),
+                     *map(str, names.get_values_for_type(x509.IPAddress))}
+        except x509.ExtensionNotFound:
+            named = set()
+        with contextlib.suppress(ValueError):
+            name = str(ipaddress.ip_address(name))  # The form the certificate gives back.
+        if name not in named:
             kept.append(f"a server certificate that does not name {name!r}")
     if kept:
         print(f"ekm-sim dev up: {config_path} exists and keeps {', '.join(kept)}; edit it, "
@@ -152,7 +165,7 @@ def up(workdir: Path, *, port: int = 0, workers: int = 1, timeout: float = 60.0,
             [sys.executable, "-m", "ekm_sim.cli", "serve", "--port-file",
              str(workdir / "ekm-sim.port")],
             env=env, log_path=None if foreground else workdir / "ekm-sim.log",
-            port_file=workdir / "ekm-sim.port",
+            port_file=workdir / "ekm-sim.port", pid_file=workdir / PID_FILE,
             health_path="/ping", ssl_context=ctx, timeout=timeout)
     except BackgroundError as exc:
         raise AdminError(str(exc)) from None
@@ -230,9 +243,17 @@ secret_access_key = "{second[1]}"
 
 
 def down(workdir: Path, *, timeout: float = 15.0) -> None:
-    """Stop the server that ``up`` started; a no-op if it is not running."""
-    info_path = workdir.resolve() / "ekm.json"
-    if not info_path.exists():
-        return
-    stop_process(int(json.loads(info_path.read_text())["pid"]), timeout=timeout)
-    info_path.unlink()
+    """Stop the server that ``up`` started; a no-op if it is not running. Without
+    ``ekm.json`` (a set-up that was interrupted), the pid file still names it."""
+    workdir = workdir.resolve()
+    info_path, pid_path = workdir / "ekm.json", workdir / PID_FILE
+    pid = None
+    if info_path.exists():
+        pid = int(json.loads(info_path.read_text())["pid"])
+    elif pid_path.exists():
+        with contextlib.suppress(ValueError):
+            pid = int(pid_path.read_text())
+    if pid is not None:
+        stop_process(pid, timeout=timeout)
+    info_path.unlink(missing_ok=True)
+    pid_path.unlink(missing_ok=True)

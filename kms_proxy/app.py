@@ -418,9 +418,8 @@ async def _sweep_forever(service: KeyService, interval: float) -> None:
     while True:
         try:
             await service.lifecycle.run_lifecycle()
-        except KmsError as exc:
-            # A backend that is down (an EKM, the token) delays the sweep; the next retries.
-            log.warning("lifecycle sweep stopped early: %s", exc)
+        except Exception:  # A store failure (a full disk): the next sweep tries again.
+            log.exception("lifecycle sweep stopped early")
         await asyncio.sleep(interval)
 
 

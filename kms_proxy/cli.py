@@ -146,14 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.foreground:
                     from shared.serving import run_in_foreground
 
-                    def serving() -> int:
+                    def serving() -> str:
                         stack = start()
-                        print(f"kms-proxy: serving at https://{stack['kms']['endpoint']}; "
-                              f"{args.workdir / 'stack.json'} describes the stack",
-                              flush=True)
-                        return int(stack["pid"])
+                        return (f"kms-proxy: serving at https://{stack['kms']['endpoint']}; "
+                                f"{args.workdir / 'stack.json'} describes the stack")
 
-                    return run_in_foreground(serving, args.workdir / "stack.json")
+                    return run_in_foreground(serving, ready_file=args.workdir / "stack.json",
+                                             pid_file=args.workdir / devstack.PID_FILE)
                 print(json.dumps(start(), indent=2))
             elif args.action == "token":
                 print(devstack.token(args.workdir, product=args.product,

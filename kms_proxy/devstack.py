@@ -15,6 +15,7 @@ account has the rotation add-on; the third's default key waits for imported mate
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -38,7 +39,12 @@ from shared.certs import DevCA
 from shared.serving import start_background, stop_process, write_atomically
 from shared.softhsm import init_token, write_softhsm_conf
 
-__all__ = ["down", "token", "up"]
+__all__ = ["PID_FILE", "down", "token", "up"]
+
+# The front's pid, written the moment it starts (``start_background``); and whether this
+# stack started its simulator (it outlives stack.json, which a foreground stop removes).
+PID_FILE: Final = "kms-proxy.pid"
+EKM_MANAGED_FILE: Final = "ekm-managed"
 
 REGION: Final = "cn-hangzhou"
 ACCOUNTS: Final = ("1234567890123456", "9876543210987654", "5555666677778888")
@@ -198,6 +204,22 @@ def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
     stack_path.unlink(missing_ok=True)  # Written again once the front answers.
     workdir.mkdir(parents=True, exist_ok=True)
     managed = ekm_workdir is None
+    write_atomically(workdir / EKM_MANAGED_FILE, "yes\n" if managed else "no\n")
+    try:
+        return _up(workdir, timeout=timeout, ekm_workdir=ekm_workdir, name=name, bind=bind,
+                   port=port, foreground=foreground)
+    except BaseException:
+        if managed:
+            # Interrupted or failed after the simulator may have started: stop it too.
+            subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "down", "--workdir",
+                            str(workdir / "ekm")], capture_output=True, timeout=60,
+                           check=False)
+        raise
+
+
+def _up(workdir: Path, *, timeout: float, ekm_workdir: Path | None, name: str | None,
+        bind: str, port: int, foreground: bool) -> dict[str, Any]:
+    managed = ekm_workdir is None
     if ekm_workdir is None:
         # The simulator is its own program: start it through its CLI, read its ekm.json.
         # It gets a fixed port the first time (kept in its config), so the front's XKI
@@ -236,7 +258,7 @@ def up(workdir: Path, *, timeout: float = 60.0, ekm_workdir: Path | None = None,
          "--port-file", str(workdir / "kms-proxy.port")],
         env=dict(os.environ), log_path=None if foreground else workdir / "kms-proxy.log",
         port_file=workdir / "kms-proxy.port", health_path="/health", ssl_context=ctx,
-        timeout=timeout)
+        timeout=timeout, pid_file=workdir / PID_FILE)
     try:
         return _describe(workdir, process.pid, bound, name=name, ca=ca.cert_path, ekm=ekm,
                          keys=json.loads(keys_path.read_text()), config_path=config_path,
@@ -287,13 +309,19 @@ def _describe(workdir: Path, pid: int, bound: int, *, name: str | None, ca: Path
 def down(workdir: Path) -> None:
     """Stop the front, and the EKM simulator if this stack started it."""
     workdir = workdir.resolve()
-    stack_path = workdir / "stack.json"
-    managed = True
+    stack_path, pid_path = workdir / "stack.json", workdir / PID_FILE
+    marker = workdir / EKM_MANAGED_FILE
+    managed = not marker.exists() or marker.read_text().strip() != "no"
+    pid = None
     if stack_path.exists():
-        stack = json.loads(stack_path.read_text())
-        managed = bool(stack.get("ekm_managed", True))
-        stop_process(int(stack["pid"]))
-        stack_path.unlink()
+        pid = int(json.loads(stack_path.read_text())["pid"])
+    elif pid_path.exists():
+        with contextlib.suppress(ValueError):
+            pid = int(pid_path.read_text())
+    if pid is not None:
+        stop_process(pid)
+    stack_path.unlink(missing_ok=True)
+    pid_path.unlink(missing_ok=True)
     if managed:
         subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "down", "--workdir",
                         str(workdir / "ekm")], check=True, capture_output=True, timeout=60)

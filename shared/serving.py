@@ -202,8 +202,8 @@ async def read_body(request: web.BaseRequest) -> bytes:
 
     :raises TimeoutError: :raises BodyRefused:
     """
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding != "identity":
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
         raise BodyRefused(f"Content-Encoding {encoding[:32]!r} is not accepted; send the "
                           "body as is")
     try:
@@ -291,10 +291,13 @@ async def serve_app(app: web.Application, *, name: str, host: str, port: int,
 
 def start_background(command: Sequence[str], *, env: dict[str, str], log_path: Path | None,
                      port_file: Path, health_path: str, ssl_context: ssl.SSLContext,
-                     timeout: float = 60.0) -> tuple[subprocess.Popen[bytes], int]:
+                     timeout: float = 60.0, pid_file: Path | None = None
+                     ) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``command`` detached, wait until ``port_file`` names a port whose
     ``https://127.0.0.1:<port><health_path>`` answers 200, and return the process and port.
     Its output goes to ``log_path``, or (None) to this process's own (a container's log).
+    ``pid_file`` gets its pid at once, so that whatever interrupts this process later can
+    still find the server (``run_in_foreground``, ``dev down``).
 
     :raises BackgroundError: if the process exits or is not ready within ``timeout``.
     """
@@ -304,13 +307,19 @@ def start_background(command: Sequence[str], *, env: dict[str, str], log_path: P
         process = subprocess.Popen(list(command), env=env, stdout=out, stderr=out,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     try:
+        if pid_file is not None:
+            write_atomically(pid_file, str(process.pid))
         return _await_ready(process, command[0], log_path=log_path, port_file=port_file,
                             health_path=health_path, ssl_context=ssl_context, timeout=timeout)
     except BaseException:
         # Not ready in time, or interrupted (StopRequested): leave nothing running.
         process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
         raise
 
 
@@ -340,34 +349,56 @@ class StopRequested(BaseException):
     """SIGTERM or SIGINT arrived while a foreground command was still setting up."""
 
 
-def run_in_foreground(start: Callable[[], int], ready_file: Path) -> int:
+def _pid_in(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_in_foreground(start: Callable[[], str], *, ready_file: Path, pid_file: Path) -> int:
     """What a container's main process does: ``start()`` sets up and starts a server (a
-    child, see ``start_background``) and returns its pid; then wait for it, passing SIGTERM
-    and SIGINT on to it. A signal during set-up stops the set-up at once (``start`` must
-    stop what it started on the way out). ``ready_file`` (a healthcheck's) is removed when
-    the server ends, so a later start is not taken as ready before it is.
+    child whose pid ``start_background`` writes to ``pid_file``) and returns a line to
+    print; then wait for the server, passing SIGTERM and SIGINT on to it.
+
+    A signal during set-up stops it at once; whatever had started by then is stopped too
+    (found through ``pid_file``, however late in set-up the signal came). ``ready_file`` (a
+    healthcheck's) goes when the server ends, so a later start is not taken as ready early.
 
     Returns the exit code to leave with."""
-    def stop(signum: int, _frame: object) -> None:
-        raise StopRequested(signum)
+    serving = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not serving:
+            raise StopRequested(signum)
+        pid = _pid_in(pid_file)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+        signal.signal(sig, on_signal)
     try:
-        pid = start()
+        message = start()
+        pid = _pid_in(pid_file)
+        if pid is None:
+            raise RuntimeError(f"the server's pid is not in {pid_file}")
+        serving = True
     except StopRequested as stopped:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # Stopping already; a second one waits.
+        leftover = _pid_in(pid_file)
+        if leftover is not None:
+            stop_process(leftover)
+        pid_file.unlink(missing_ok=True)
+        ready_file.unlink(missing_ok=True)
         return 128 + int(stopped.args[0])
-
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
+    print(message, flush=True)
     try:
         _, status = os.waitpid(pid, 0)
     finally:
         ready_file.unlink(missing_ok=True)
+        pid_file.unlink(missing_ok=True)
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code  # Killed by signal N: 128 + N, as shells say.
 

@@ -177,8 +177,10 @@ def _string(body: Mapping[str, Any], name: str, *, required: bool) -> str | None
         if required:
             raise _invalid(f"{name} is required")
         return None
-    if not isinstance(value, str) or (required and not value):
-        raise _invalid(f"{name} must be a non-empty string")
+    if not isinstance(value, str):
+        raise _invalid(f"{name} must be a string")
+    if required and not value:
+        raise _invalid(f"{name} must not be empty")
     return value
 
 

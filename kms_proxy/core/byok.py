@@ -88,8 +88,9 @@ class ImportTokens:
     """Outstanding import tokens of this process, in memory (each holds an RSA private key).
 
     Bounded, and fair: a key keeps its newest ``per_key`` tokens; when the whole store is
-    full, the oldest token of the account holding the most goes. One account asking for
-    tokens in a loop therefore displaces only its own, never another account's.
+    full, expired tokens go first, then the oldest token of the account holding the most.
+    An account asking in a loop displaces its own tokens first, and another account's only
+    once that one holds as many.
     """
 
     def __init__(self, clock: Callable[[], datetime], *, capacity: int = 1000,
@@ -100,12 +101,15 @@ class ImportTokens:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
     def _make_room(self, key_id: str) -> None:
-        now = self._clock()
-        for token_id in [t for t, e in self._entries.items() if e.expires <= now]:
-            del self._entries[token_id]
         own = [t for t, e in self._entries.items() if e.key_id == key_id]
         for token_id in own[:max(0, len(own) - self._per_key + 1)]:
             del self._entries[token_id]
+        if len(self._entries) >= self._capacity:
+            # Expired tokens only when room is needed: until then they still answer
+            # ExpiredImportToken, which says more than "not issued".
+            now = self._clock()
+            for token_id in [t for t, e in self._entries.items() if e.expires <= now]:
+                del self._entries[token_id]
         while len(self._entries) >= self._capacity:
             held = Counter(e.owner for e in self._entries.values())
             heaviest = max(held, key=held.__getitem__)

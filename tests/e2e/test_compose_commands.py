@@ -127,3 +127,70 @@ def test_a_stop_during_set_up_leaves_nothing_running(tmp_path: Path) -> None:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", int(port)), timeout=2)
     assert not (volume / "ekm" / "ekm.json").exists()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent that will never reap it here."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_a_stop_after_the_simulator_started_takes_it_down_too(tmp_path: Path) -> None:
+    """The front's command starting its own simulator (no --ekm-workdir), stopped once that
+    simulator serves: it was left running with no ekm.json for any `dev down` to find."""
+    workdir = tmp_path / "stack"
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    log = tmp_path / "kms-proxy.out"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kms_proxy.cli", "dev", "up", "--workdir", str(workdir),
+             "--foreground"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(workdir / "ekm" / "ekm-sim.pid", process, log)
+        simulator = int((workdir / "ekm" / "ekm-sim.pid").read_text())
+        assert _alive(simulator)
+    finally:
+        process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    deadline = time.monotonic() + 20
+    while _alive(simulator) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(simulator)
+    assert not (workdir / "stack.json").exists()
+
+
+def test_dev_down_leaves_a_simulator_it_did_not_start_alone(tmp_path: Path) -> None:
+    """Compose layout: the front's stack.json goes when the front stops, and with it the
+    record that the simulator is another service's; `kms-proxy dev down` then stopped it."""
+    compose: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    ports = {"9443": str(_free_port()), "8443": str(_free_port())}
+    volume = tmp_path / "stack"
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, service in services.items():
+            program, *args = service["command"]
+            log = tmp_path / f"{name}.out"
+            with open(log, "wb") as out:
+                started[name] = subprocess.Popen(
+                    [sys.executable, "-m", PROGRAMS[program],
+                     *(_local(str(a), volume, ports, set(services)) for a in args)],
+                    env=env, stdout=out, stderr=subprocess.STDOUT)
+            path = service["healthcheck"]["test"][-1]
+            _wait_for(Path(_local(path, volume, ports, set())), started[name], log)
+        started["kms-proxy"].send_signal(signal.SIGTERM)
+        assert started["kms-proxy"].wait(timeout=30) == 0
+        subprocess.run([sys.executable, "-m", "kms_proxy.cli", "dev", "down", "--workdir",
+                        str(volume)], env=env, check=True, capture_output=True, timeout=60)
+        assert started["ekm-sim"].poll() is None  # The other service still runs.
+        socket.create_connection(("127.0.0.1", int(ports["9443"])), timeout=5).close()
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in started.values():
+            process.wait(timeout=30)

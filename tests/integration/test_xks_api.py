@@ -600,6 +600,14 @@ async def test_a_content_encoding_is_refused_not_decoded(sim: Sim, encoding: str
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+async def test_an_empty_or_identity_content_encoding_is_the_body_as_sent(sim: Sim) -> None:
+    for encoding in ("", "identity", "Identity"):
+        status, reply = await sim.call("health", {"requestMetadata": {
+            "kmsRequestId": "r", "kmsOperation": "KmsHealthCheck"}},
+            headers={"Content-Encoding": encoding})
+        assert status == 200, (encoding, reply)
+
+
 async def test_an_unknown_expectation_gets_an_xks_error(sim: Sim) -> None:
     """Every answer is XKS JSON: aiohttp answered an unknown Expect with a text/plain 417."""
     status, reply = await sim.call("health", {"requestMetadata": metadata()},

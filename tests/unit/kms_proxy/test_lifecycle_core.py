@@ -1325,6 +1325,14 @@ async def test_a_loop_of_import_requests_cannot_push_out_another_accounts_token(
 
     assert await tokens.unwrap("key-alice", alice.token, wrapped(alice)) == material
     assert await tokens.unwrap("key-bob-6", last.token, wrapped(last)) == material
+    # An expired token still says so after other accounts asked for tokens while there is
+    # room (expired ones are purged only when room is needed).
+    roomy = ImportTokens(clock)
+    early = await roomy.issue("key-alice", "RSA_2048", "RSAES_OAEP_SHA_256", owner="111111")
+    clock.advance(25 * HOUR)
+    await roomy.issue("key-carol", "RSA_2048", "RSAES_OAEP_SHA_256", owner="333333")
+    with pytest.raises(ExpiredImportToken):
+        await roomy.unwrap("key-alice", early.token, wrapped(early))
 
 
 async def test_a_key_past_its_deletion_window_can_be_restored_before_the_sweep(
