@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -257,6 +258,10 @@ def _trusted_issuers(config: Config) -> list[TrustedIssuer]:
     return issuers
 
 
+# What an action name can be (Alibaba's are CamelCase words); anything else is not echoed.
+_ACTION_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+
+
 async def rpc(request: web.Request) -> web.Response:
     """Every OpenAPI action."""
     request_id = request[REQUEST_ID]
@@ -276,9 +281,12 @@ async def rpc(request: web.Request) -> web.Response:
             raise ApiError("MissingParameter", 400, 'The parameter "Action" is needed but '
                            "not provided.")
         if version != API_VERSION:
-            raise ApiError("InvalidVersion", 400, f"Specified version {version!r} is not "
+            shown = version[:64] if version else version
+            raise ApiError("InvalidVersion", 400, f"Specified version {shown!r} is not "
                            f"valid; this service speaks {API_VERSION}.")
         spec = ACTIONS.get(action)
+        if spec is None and not _ACTION_NAME.fullmatch(action):
+            raise ApiError("InvalidAction.NotFound", 404, "Specified api is not found.")
         if spec is None:
             if action in NOT_IMPLEMENTED:
                 raise ApiError("InvalidAction.NotFound", 404,
@@ -297,7 +305,10 @@ async def rpc(request: web.Request) -> web.Response:
         error_code = exc.code
         raise
     finally:
-        _audit(request, (action or "")[:128], principal, outcome, error_code, result, params)
+        # A bearer request's action comes from an unsigned header, which can hold anything
+        # (non-UTF-8 bytes arrive as lone surrogates): the audit line names only real names.
+        audited = action if action is None or _ACTION_NAME.fullmatch(action) else "(invalid)"
+        _audit(request, audited or "", principal, outcome, error_code, result, params)
     return _json({"RequestId": request_id, **result})
 
 

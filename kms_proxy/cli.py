@@ -129,7 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"database ready at {config.database}")
         elif args.command == "audit":
             config = load(Path(args.config))
-            report = verify_chain(config.audit_log, chain_key=config.audit_chain_key)
+            try:
+                report = verify_chain(config.audit_log, chain_key=config.audit_chain_key)
+            except OSError as exc:
+                # Not a verdict on the chain (exit 1 means tampering): a read failure.
+                print(f"kms-proxy: cannot read {config.audit_log}: {exc.strerror}",
+                      file=sys.stderr)
+                return 2
             print(json.dumps({"ok": report.ok, "events": report.events,
                               "first_bad_seq": report.first_bad_seq, "reason": report.reason,
                               "last_hash": report.last_hash}))

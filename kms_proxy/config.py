@@ -264,6 +264,11 @@ def parse(data: dict[str, object], base: Path) -> Config:
                                       default_key_material=material))
     ids = [k.id for a in accounts for k in a.access_keys]
     root.check(len(ids) == len(set(ids)), "accounts", "repeat an access key id")
+    # ACS3 does not sign the AccessKey id: two ids with one secret would let a request
+    # signed for one be replayed as the other (the nonce cache is per id).
+    secrets_ = [k.secret for a in accounts for k in a.access_keys]
+    root.check(len(secrets_) == len(set(secrets_)), "accounts",
+               "give two access keys the same secret")
     account_ids = {a.id for a in accounts}
     instances, defaults = [], {}
     for i, raw in enumerate(root.get("instances", list, [])):

@@ -19,6 +19,7 @@ refuses every request dated before its start.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ __all__ = ["NonceJournal"]
 
 log = logging.getLogger("kms_proxy.nonces")
 
-_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+_FLAGS: Final = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
 
 
 class NonceJournal:
@@ -46,9 +47,11 @@ class NonceJournal:
     def segments(self) -> list[tuple[int, Path]]:
         """The segment files present, oldest first."""
         found = []
-        for path in self._base.parent.glob(self._base.name + ".*"):
-            suffix = path.name[len(self._base.name) + 1:]
-            if suffix.isdigit():
+        prefix = self._base.name + "."
+        # By name, not glob: a database named "kms[1].db" holds glob syntax.
+        for path in self._base.parent.iterdir():
+            suffix = path.name[len(prefix):]
+            if path.name.startswith(prefix) and suffix.isdigit():
                 found.append((int(suffix), path))
         return sorted(found)
 
@@ -94,13 +97,22 @@ class NonceJournal:
         if segment != self._segment:
             self._open(segment)
         assert self._fd is not None
-        os.write(self._fd, f"{dated_us} {json.dumps(entry)}\n".encode())
+        line = f"{dated_us} {json.dumps(entry)}\n".encode()
+        written = os.write(self._fd, line)
+        if written != len(line):
+            # A full disk took part of it: take that part back (a torn line would also eat
+            # the next one), and the request is not accepted.
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            raise OSError(errno.ENOSPC, "the nonce journal took only part of a line")
 
     def _open(self, segment: int) -> None:
         self.close()
         path = self._base.with_name(f"{self._base.name}.{segment}")
         fd = os.open(path, _FLAGS, 0o600)
         os.fchmod(fd, 0o600)  # It may have existed with another mode.
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")  # End a line torn by a crash, so the next one stands alone.
         self._fd, self._segment = fd, segment
         for number, old in self.segments():
             if number < segment - 2:

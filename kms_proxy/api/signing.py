@@ -16,7 +16,8 @@ Canonicalisation follows what the Python SDK actually sends (tea-openapi 0.4.6
   ``+`` as ``%2B``; the async transport (yarl) also unescapes ``%2F``, ``%2A`` and ``%3A``.
   The signature is over *decoded* values re-encoded with ``quote(value, safe='~')``, so the
   raw query is decoded first (``+`` meaning space), whatever escaping the transport chose.
-* V3 canonical query names are *not* re-encoded; legacy names are.
+* V3 canonical query names are re-encoded like values (the SDK leaves them as they are,
+  which for its names, ``[A-Za-z0-9.]``, is the same string); legacy names are too.
 * V3 signs every header the SDK set before signing (``accept``, ``user-agent`` and
   ``x-acs-credentials-provider`` included) but not the ones its transport adds later
   (``accept-encoding``, aiohttp's ``content-type: application/octet-stream``), so the
@@ -418,9 +419,12 @@ class RequestVerifier:
             match["signed"],
             body_hash,
         ))
-        string_to_sign = (
-            f"{ACS3_HMAC_SHA256}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"
-        )
+        try:
+            canonical_bytes = canonical_request.encode()
+        except UnicodeEncodeError:
+            # aiohttp gives a header's non-UTF-8 bytes as lone surrogates.
+            raise _incomplete("A signed header is not UTF-8 text.") from None
+        string_to_sign = f"{ACS3_HMAC_SHA256}\n{hashlib.sha256(canonical_bytes).hexdigest()}"
         key = self._keys.get(match["credential"])
         secret = key.secret if key is not None else self._decoy_secret
         expected = hmac.digest(secret.encode(), string_to_sign.encode(), "sha256").hex()
@@ -539,8 +543,11 @@ def _decode_query(query_string: str) -> dict[str, str]:
 
 
 def _canonical_v3_query(params: Mapping[str, str]) -> str:
-    # tea-openapi ``get_canonical_query_string``: names as they are, values re-encoded.
-    return "&".join(f"{name}={_percent(params[name])}" for name in sorted(params))
+    # tea-openapi ``get_canonical_query_string`` leaves names as they are and re-encodes
+    # values. Names are re-encoded here too (Alibaba's V3 text encodes both): for every name
+    # an SDK sends ([A-Za-z0-9.]) that is the same string, and a name holding "=" or "&"
+    # can no longer make one signature cover another parameter set.
+    return "&".join(f"{_percent(name)}={_percent(params[name])}" for name in sorted(params))
 
 
 def _single(headers: Headers, name: str) -> str:

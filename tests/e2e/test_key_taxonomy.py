@@ -16,6 +16,7 @@ import http.client
 import json
 import ssl
 import subprocess
+import time
 import sys
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,18 @@ def test_bearer_tokens_refused_over_http(stack: dict[str, Any]) -> None:
     assert _raw_encrypt(stack, [f"bearer {good}"])[0] == 200
     status, body = _raw_encrypt(stack, [f"Bearer {good}", "ACS3-HMAC-SHA256 x"])
     assert (status, body["Code"]) == (400, "IncompleteSignature"), body
+    # A bearer request's action comes from an unsigned header: one that is not UTF-8 is an
+    # unknown action (it was a 500, and the request went unaudited).
+    status, body = _raw_encrypt(stack, [f"Bearer {good}"],
+                                {"x-acs-action": b"Describe\xffKey"})
+    assert (status, body["Code"]) == (404, "InvalidAction.NotFound"), body
+    audit_log = Path(stack["config"]).parent / "data" / "audit.log"
+    deadline = time.monotonic() + 10  # The audit log is flushed in batches.
+    while body["RequestId"] not in audit_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [line] = [json.loads(x) for x in audit_log.read_text().splitlines()
+              if body["RequestId"] in x]
+    assert (line["action"], line["error_code"]) == ("(invalid)", "InvalidAction.NotFound")
     # The CLI refuses to mint what the front would refuse, with a message, not a traceback.
     for args in (["--product", "kms", "--account", stack["account_id"]],
                  ["--product", "oss", "--account", stack["account_id"], "--ttl", "-100"],
@@ -313,9 +326,10 @@ def test_bearer_tokens_refused_over_http(stack: dict[str, Any]) -> None:
         assert "Traceback" not in done.stderr and not done.stdout
 
 
-def _raw_encrypt(stack: dict[str, Any], authorization: list[str]
-                 ) -> tuple[int, dict[str, Any]]:
-    """An Encrypt with exactly these Authorization header lines."""
+def _raw_encrypt(stack: dict[str, Any], authorization: list[str],
+                 extra: dict[str, bytes] | None = None) -> tuple[int, dict[str, Any]]:
+    """An Encrypt with exactly these Authorization header lines (and ``extra`` headers,
+    sent as the bytes given)."""
     host, port = stack["kms"]["endpoint"].rsplit(":", 1)
     connection = http.client.HTTPSConnection(
         host, int(port), context=ssl.create_default_context(cafile=stack["kms"]["ca"]),
@@ -325,6 +339,8 @@ def _raw_encrypt(stack: dict[str, Any], authorization: list[str]
                                       "%2Foss&Plaintext=x")
         for value in authorization:
             connection.putheader("Authorization", value)
+        for name, raw in (extra or {}).items():
+            connection.putheader(name, raw)
         connection.putheader("Content-Length", "0")
         connection.endheaders()
         response = connection.getresponse()

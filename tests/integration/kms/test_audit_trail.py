@@ -319,3 +319,16 @@ async def test_cli_audit_verify(start_kms: StartKms, tmp_path: Path) -> None:
     tampered = await asyncio.to_thread(verify_cli, config_path)
     assert tampered.returncode == 1
     assert json.loads(tampered.stdout)["first_bad_seq"] == 6
+
+
+async def test_cli_audit_verify_on_a_missing_log_is_not_a_verdict(start_kms: StartKms,
+                                                                  tmp_path: Path) -> None:
+    """Exit 1 means a broken chain; a log that cannot be read is exit 2 and a message (it
+    was a traceback and exit 1)."""
+    kms = await start_kms()
+    await kms.stop()
+    config_path = toml_config(kms.config, tmp_path / "kms-proxy.toml")
+    kms.config.audit_log.unlink()
+    done = await asyncio.to_thread(verify_cli, config_path)
+    assert done.returncode == 2 and "cannot read" in done.stderr and "Traceback" not in \
+        done.stderr, done.stderr

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import hashlib
 import json
+import os
 import re
 import uuid
 from collections import OrderedDict
@@ -834,3 +835,97 @@ async def test_any_plaintext_verifies(kms: KMS, plaintext: str, context_value: s
     assert response.body.ciphertext_blob == plaintext
     assert json.loads(response.body.key_version_id) == {"k": context_value}
 
+
+
+async def test_a_name_holding_the_next_parameter_does_not_reuse_the_signature(
+        kms: KMS) -> None:
+    """Canonical V3 names were not re-encoded, so one percent-encoded name "A=<a>&B" with
+    B's value made the same canonical query as A and B: a signed request could be re-cut
+    on the path to drop signed parameters (a KeySpec, a ProtectionLevel)."""
+    from urllib.parse import parse_qsl, quote
+
+    sent = await captured_request(kms)
+    params = sorted(parse_qsl(sent.query_string, keep_blank_values=True))
+    (first, first_value), (second, second_value), *rest = params
+
+    def pct(text: str) -> str:
+        return quote(text, safe="~")
+
+    merged = quote(f"{first}={pct(first_value)}&{second}", safe="")
+    recut = "&".join([f"{merged}={quote(second_value, safe='')}",
+                      *(f"{quote(n, safe='')}={quote(v, safe='')}" for n, v in rest)])
+    fresh = RequestVerifier([ALICE])
+    with pytest.raises(SignatureError) as info:
+        verify(fresh, sent, query_string=recut)
+    assert info.value.code == SignatureErrorCode.SIGNATURE_DOES_NOT_MATCH
+    assert verify(fresh, sent) == ALICE  # The request as sent still verifies.
+
+
+async def test_a_signed_header_that_is_not_utf8_is_refused_not_a_500(kms: KMS) -> None:
+    """aiohttp gives non-UTF-8 header bytes as lone surrogates; encoding the canonical
+    request then raised UnicodeEncodeError: a 500 with a traceback, before any key."""
+    sent = await captured_request(kms)
+    headers = CIMultiDict(sent.headers)
+    headers["user-agent"] = "pr\udcffobe"
+    with pytest.raises(SignatureError) as info:
+        verify(RequestVerifier([ALICE]), sent, headers=headers)
+    assert info.value.code == SignatureErrorCode.INCOMPLETE_SIGNATURE
+
+
+def test_a_line_after_a_torn_one_stands_alone(tmp_path: Path) -> None:
+    """The next process appends to a segment a crash left torn: its first line was glued
+    to the torn one and lost with it."""
+    cache = NonceCache(max_size=10, window=WINDOW)
+    cache.journal = _journal(tmp_path)
+    cache.remember(("ak", "first"), when=T0, now=T0)
+    [(_, path)] = _journal(tmp_path).segments()
+    with path.open("ab") as out:
+        out.write(b'123 "torn')
+    later = NonceCache(max_size=10, window=WINDOW)
+    later.journal = _journal(tmp_path)
+    later.remember(("ak", "after-the-crash"), when=T0, now=T0)
+    entries = _journal(tmp_path).load()
+    assert entries is not None
+    assert {e for e, _ in entries} == {"2:akfirst", "2:akafter-the-crash"}
+
+
+def test_a_database_name_with_glob_characters_finds_its_journal(tmp_path: Path) -> None:
+    journal = NonceJournal(tmp_path / "kms[prod]*.db.nonces",
+                           window_us=WINDOW // timedelta(microseconds=1))
+    journal.append("2:ak1", 1, 1)
+    journal.close()
+    (tmp_path / "kmsp.db.nonces.0").write_text("a neighbour's segment, not ours\n")
+    reread = NonceJournal(tmp_path / "kms[prod]*.db.nonces",
+                          window_us=WINDOW // timedelta(microseconds=1))
+    assert [n for n, _ in reread.segments()] == [0]
+    assert reread.load() == [("2:ak1", 1)]
+
+
+def test_a_short_journal_write_takes_the_request_back(tmp_path: Path) -> None:
+    """A full disk (here a file-size limit) lets a write take only part of a line: that
+    was taken for success, so the request was accepted with its nonce not journaled."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, resource, signal
+from pathlib import Path
+from kms_proxy.api.nonce_journal import NonceJournal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+journal = NonceJournal(Path({str(tmp_path / "kms.db.nonces")!r}), window_us=10**9)
+journal.append("2:akfits", 1, 1)
+size = os.path.getsize({str(tmp_path / "kms.db.nonces.0")!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, size + 10))
+try:
+    journal.append("2:ak" + "x" * 40, 2, 2)
+except OSError as exc:
+    print("refused", exc.errno)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False, env={**os.environ,
+                                                        "PYTHONPATH": str(Path.cwd())})
+    assert done.stdout.strip().startswith("refused"), done.stderr
+    segment = tmp_path / "kms.db.nonces.0"
+    assert segment.read_bytes().endswith(b"\n")
+    reread = NonceJournal(tmp_path / "kms.db.nonces", window_us=10**9)
+    assert reread.load() == [("2:akfits", 1)]

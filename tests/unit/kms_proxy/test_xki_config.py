@@ -87,3 +87,12 @@ def test_trusted_issuer_settings_and_their_faults(tmp_path: Path) -> None:
         named = r"trusted_issuers\[0\] \(https://sts.test\): "
         with pytest.raises(ConfigError, match=rf"{named}.*{match}"):
             create_app(config)
+
+
+def test_two_access_keys_cannot_share_a_secret(tmp_path: Path) -> None:
+    """ACS3 does not sign the AccessKey id: a request signed for one id would verify, and be
+    replayable, as the other."""
+    data = _data()
+    data["accounts"][0]["access_keys"].append({"id": "LTAIexample0002", "secret": "s" * 24})
+    with pytest.raises(ConfigError, match="same secret"):
+        parse(data, tmp_path)
