@@ -16,8 +16,8 @@ import http.client
 import json
 import ssl
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
