@@ -20,7 +20,13 @@ from typing import Any, Final
 
 from ekm_sim.admin import AdminError, write_softhsm_conf
 from shared.certs import DevCA
-from shared.serving import BackgroundError, start_background, stop_process, write_atomically
+from shared.serving import (
+    BackgroundError,
+    start_background,
+    stop_process,
+    stop_recorded,
+    write_atomically,
+)
 
 __all__ = ["PID_FILE", "TEST_CLIENT_CREDENTIAL", "down", "make_certs", "up"]
 
@@ -246,14 +252,4 @@ def down(workdir: Path, *, timeout: float = 15.0) -> None:
     """Stop the server that ``up`` started; a no-op if it is not running. Without
     ``ekm.json`` (a set-up that was interrupted), the pid file still names it."""
     workdir = workdir.resolve()
-    info_path, pid_path = workdir / "ekm.json", workdir / PID_FILE
-    pid = None
-    if info_path.exists():
-        pid = int(json.loads(info_path.read_text())["pid"])
-    elif pid_path.exists():
-        with contextlib.suppress(ValueError):
-            pid = int(pid_path.read_text())
-    if pid is not None:
-        stop_process(pid, timeout=timeout)
-    info_path.unlink(missing_ok=True)
-    pid_path.unlink(missing_ok=True)
+    stop_recorded(workdir / "ekm.json", workdir / PID_FILE, timeout=timeout)

@@ -15,7 +15,6 @@ account has the rotation add-on; the third's default key waits for imported mate
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import secrets
@@ -36,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kms_proxy.api.jwt_auth import ACCOUNT_ID, DEFAULT_MAX_LIFETIME_S, product_ok
 from kms_proxy.config import ConfigError, load
 from shared.certs import DevCA
-from shared.serving import start_background, stop_process, write_atomically
+from shared.serving import start_background, stop_process, stop_recorded, write_atomically
 from shared.softhsm import init_token, write_softhsm_conf
 
 __all__ = ["PID_FILE", "down", "token", "up"]
@@ -309,19 +308,9 @@ def _describe(workdir: Path, pid: int, bound: int, *, name: str | None, ca: Path
 def down(workdir: Path) -> None:
     """Stop the front, and the EKM simulator if this stack started it."""
     workdir = workdir.resolve()
-    stack_path, pid_path = workdir / "stack.json", workdir / PID_FILE
     marker = workdir / EKM_MANAGED_FILE
     managed = not marker.exists() or marker.read_text().strip() != "no"
-    pid = None
-    if stack_path.exists():
-        pid = int(json.loads(stack_path.read_text())["pid"])
-    elif pid_path.exists():
-        with contextlib.suppress(ValueError):
-            pid = int(pid_path.read_text())
-    if pid is not None:
-        stop_process(pid)
-    stack_path.unlink(missing_ok=True)
-    pid_path.unlink(missing_ok=True)
+    stop_recorded(workdir / "stack.json", workdir / PID_FILE)
     if managed:
         subprocess.run([sys.executable, "-m", "ekm_sim.cli", "dev", "down", "--workdir",
                         str(workdir / "ekm")], check=True, capture_output=True, timeout=60)

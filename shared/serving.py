@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import io
+import json
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ __all__ = [
     "serve_app",
     "start_background",
     "stop_process",
+    "stop_recorded",
     "write_atomically",
 ]
 
@@ -401,6 +403,21 @@ def run_in_foreground(start: Callable[[], str], *, ready_file: Path, pid_file: P
         pid_file.unlink(missing_ok=True)
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code  # Killed by signal N: 128 + N, as shells say.
+
+
+def stop_recorded(info_file: Path, pid_file: Path, *, timeout: float = 15.0) -> None:
+    """Stop the server a dev stack recorded: the ``pid`` in ``info_file`` (a JSON file
+    written once it served), else the pid in ``pid_file`` (written when it started, so a
+    set-up that was interrupted still names it); then remove both records."""
+    pid = None
+    try:
+        pid = int(json.loads(info_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pid = _pid_in(pid_file)
+    if pid is not None:
+        stop_process(pid, timeout=timeout)
+    info_file.unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
 
 
 def stop_process(pid: int, *, timeout: float = 15.0) -> None:
