@@ -193,6 +193,9 @@ class NonceCache:
         self._open: list[str] = []
         self._front = 0
         self._horizon: int | None = None
+        # The latest "now" seen: a clock that steps back must not make the cache forget
+        # nonces it purged by a later clock, nor accept the requests they belonged to.
+        self._high_water = 0
         # Where accepted nonces are also written, for the next process (None: memory only).
         self.journal: NonceJournal | None = None
 
@@ -211,7 +214,13 @@ class NonceCache:
             ``InvalidTimeStamp.Expired`` for a request older than ``horizon``.
         """
         dated = (when - _EPOCH) // _MICROSECOND
-        self._purge((now - _EPOCH) // _MICROSECOND)
+        now_us = self._high_water = max((now - _EPOCH) // _MICROSECOND, self._high_water)
+        self._purge(now_us)
+        if dated < now_us - self._window:
+            # Only after the clock stepped back (the date check uses the clock as it is):
+            # nonces this old may already have been purged.
+            raise SignatureError(SignatureErrorCode.TIMESTAMP_EXPIRED,
+                                 "The server's clock stepped back; retry with a new request.")
         if self._horizon is not None and dated <= self._horizon:
             raise SignatureError(SignatureErrorCode.TIMESTAMP_EXPIRED,
                                  "The server's replay window is full; retry with a new request.")
@@ -222,7 +231,7 @@ class NonceCache:
             raise SignatureError(SignatureErrorCode.SIGNATURE_NONCE_USED)
         if self.journal is not None:
             # First on disk: a request is accepted only once a restart would know it.
-            self.journal.append(entry, dated, (now - _EPOCH) // _MICROSECOND)
+            self.journal.append(entry, dated, now_us)
         self._add(entry, dated)
 
     def _add(self, entry: str, dated: int) -> None:

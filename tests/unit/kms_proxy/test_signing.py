@@ -695,6 +695,8 @@ class _ReferenceNonceCache:
             self.entries.popitem(last=False)
         if self.horizon is not None and self.horizon < limit:
             self.horizon = None
+        if when < limit:  # Older than the window: its nonce may be forgotten already.
+            raise SignatureError(SignatureErrorCode.TIMESTAMP_EXPIRED)
         if self.horizon is not None and when <= self.horizon:
             raise SignatureError(SignatureErrorCode.TIMESTAMP_EXPIRED)
         if key in self.entries:
@@ -929,3 +931,18 @@ except OSError as exc:
     assert segment.read_bytes().endswith(b"\n")
     reread = NonceJournal(tmp_path / "kms.db.nonces", window_us=10**9)
     assert reread.load() == [("2:akfits", 1)]
+
+
+def test_a_clock_that_steps_back_does_not_reopen_the_replay_window() -> None:
+    """Nonces are purged by the clock; after a jump forward the cache forgot a nonce, and
+    when the clock stepped back the date check let its replay through."""
+    cache = NonceCache(max_size=100, window=WINDOW)
+    cache.remember(("ak", "used"), when=T0, now=T0)
+    cache.remember(("ak", "later"), when=T0 + timedelta(minutes=16),
+                   now=T0 + timedelta(minutes=16))  # The clock jumped forward ...
+    with pytest.raises(SignatureError) as info:  # ... and back: T0's request comes again.
+        cache.remember(("ak", "used"), when=T0, now=T0 + timedelta(minutes=1))
+    assert info.value.code == SignatureErrorCode.TIMESTAMP_EXPIRED
+    # A request dated within the window of the latest clock still passes.
+    cache.remember(("ak", "fresh"), when=T0 + timedelta(minutes=2),
+                   now=T0 + timedelta(minutes=2))
