@@ -285,9 +285,9 @@ async def rpc(request: web.Request) -> web.Response:
             raise ApiError("InvalidVersion", 400, f"Specified version {shown!r} is not "
                            f"valid; this service speaks {API_VERSION}.")
         spec = ACTIONS.get(action)
-        if spec is None and not _ACTION_NAME.fullmatch(action):
-            raise ApiError("InvalidAction.NotFound", 404, "Specified api is not found.")
         if spec is None:
+            if not _ACTION_NAME.fullmatch(action):  # Not echoed: it may be anything.
+                raise ApiError("InvalidAction.NotFound", 404, "Specified api is not found.")
             if action in NOT_IMPLEMENTED:
                 raise ApiError("InvalidAction.NotFound", 404,
                                f"Specified api {action!r} is an Alibaba Cloud KMS action "

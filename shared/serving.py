@@ -368,24 +368,22 @@ def run_in_foreground(start: Callable[[], str], *, ready_file: Path, pid_file: P
     healthcheck's) goes when the server ends, so a later start is not taken as ready early.
 
     Returns the exit code to leave with."""
-    serving = False
+    pid: int | None = None  # Set once set-up is over: from then on signals go to it.
 
     def on_signal(signum: int, _frame: object) -> None:
-        if not serving:
+        if pid is None:
             raise StopRequested(signum)
-        pid = _pid_in(pid_file)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
         message = start()
-        pid = _pid_in(pid_file)
-        if pid is None:
+        started = _pid_in(pid_file)
+        if started is None:
             raise RuntimeError(f"the server's pid is not in {pid_file}")
-        serving = True
+        pid = started
     except StopRequested as stopped:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # Stopping already; a second one waits.
