@@ -39,7 +39,7 @@ from kms_proxy.backends.xks_client import XKSClient, XKSConnection
 from kms_proxy.config import Config, ConfigError, HSMTokenConfig, XKIConfig
 from kms_proxy.core.audit import AuditEvent, AuditLog, Outcome
 from kms_proxy.core.calls import REQUEST_ID as REQUEST_ID_VAR
-from kms_proxy.core.calls import RESOLVED_KEY
+from kms_proxy.core.calls import RESOLVED_KEY, RESOLVED_KEYS
 from kms_proxy.core.capabilities import Op, require_principal
 from kms_proxy.core.errors import KmsError
 from kms_proxy.core.lifecycle import SystemEvent
@@ -64,9 +64,11 @@ REQUEST_ID: Final = web.RequestKey("request_id", str)
 
 API_VERSION: Final = "2016-01-20"
 # Parameters of the signature protocol itself, not of the action (legacy RPC scheme).
+# RegionId is a common parameter too, but the batch tag actions take it as their own: it
+# stays among the business parameters (the others ignore it).
 _PROTOCOL_PARAMS: Final = frozenset({
     "Action", "Version", "Format", "Timestamp", "SignatureNonce", "SignatureMethod",
-    "SignatureVersion", "AccessKeyId", "Signature", "SecurityToken", "RegionId",
+    "SignatureVersion", "AccessKeyId", "Signature", "SecurityToken",
 })
 log = logging.getLogger("kms_proxy.api")
 access_log = logging.getLogger("kms_proxy.access")
@@ -103,6 +105,7 @@ async def _envelope(request: web.Request, handler: Handler) -> web.StreamRespons
     REQUEST_ID_VAR.set(request_id)
     # Whatever context this request's task started from, no earlier request's key counts.
     RESOLVED_KEY.set(None)
+    RESOLVED_KEYS.set(())
     started = time.perf_counter()
     try:
         response = await handler(request)
@@ -237,6 +240,9 @@ def _audit(request: web.Request, action: str, principal: Principal, outcome: Out
         details["KeyVersionId"] = str(version["KeyVersionId"])
     if "AliasName" in params:
         details["AliasName"] = params["AliasName"][:256]
+    batch = RESOLVED_KEYS.get()
+    if len(batch) > 1:  # TagResources and its kind: every key, by id (at most 50).
+        details["ResourceIds"] = ",".join(batch)
     audit.append(AuditEvent(
         time=audit.now(), request_id=request[REQUEST_ID], principal=principal.arn,
         account_id=principal.account_id, action=action, key_id=key_id, key_arn=key_arn,

@@ -3,14 +3,16 @@ one core call and serialises the answer with the field names the official SDK ma
 
 from __future__ import annotations
 
-from base64 import b64encode
+import binascii
+import json
+from base64 import b64encode, urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
 from kms_proxy.api.params import Params
-from kms_proxy.core.errors import InvalidParameter, UnsupportedOperation
+from kms_proxy.core.errors import InvalidParameter, MissingParameter, UnsupportedOperation
 from kms_proxy.core.lifecycle import next_rotation
 from kms_proxy.core.model import (
     Alias,
@@ -333,6 +335,96 @@ async def list_resource_tags(c: Call) -> dict[str, Any]:
                              for k, v in tags.items()]}}
 
 
+# The batch forms (reference section 2.3): lists flattened as ResourceId.N, Tag.N.Key.
+_BATCH_KEYS: Final = 50
+_BATCH_TAGS: Final = 20
+_TAG_ROWS_PER_PAGE: Final = 200
+
+
+def _batch_keys(c: Call, *, required: bool) -> list[str]:
+    """``RegionId`` and ``ResourceType`` checked; the ``ResourceId.N`` references."""
+    if c.params.text("RegionId", max_len=64) != c.service.region:
+        raise InvalidParameter("RegionId", f"this endpoint serves {c.service.region}")
+    resource_type = c.params.text("ResourceType", max_len=64)
+    if resource_type == "secret":
+        raise UnsupportedOperation("secrets are not part of this service: only keys can "
+                                   "be tagged here")
+    if resource_type != "key":
+        raise InvalidParameter("ResourceType", "must be key or secret")
+    refs = c.params.repeated("ResourceId", max_items=_BATCH_KEYS, max_len=256)
+    if required and not refs:
+        raise MissingParameter("ResourceId.1")
+    return refs
+
+
+def _tag_list(p: Params) -> dict[str, str | None]:
+    """``Tag.N.Key`` / ``Tag.N.Value``: a tag key (each once) to its value (None when no
+    value was sent)."""
+    tags: dict[str, str | None] = {}
+    for index, item in enumerate(p.repeated_objects("Tag", ("Key", "Value"),
+                                                    max_items=_BATCH_TAGS), 1):
+        if not item.get("Key"):
+            raise MissingParameter(f"Tag.{index}.Key")
+        if item["Key"] in tags:
+            raise InvalidParameter("Tag", f"tag key {item['Key']!r} is repeated")
+        tags[item["Key"]] = item.get("Value")
+    return tags
+
+
+def _next_token(position: tuple[str, str]) -> str:
+    return urlsafe_b64encode(json.dumps(position).encode()).decode().rstrip("=")
+
+
+def _after(token: str | None) -> tuple[str, str] | None:
+    """The position a ``NextToken`` this action gave names. :raises InvalidParameter:"""
+    if token is None:
+        return None
+    try:
+        position = json.loads(urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, binascii.Error):
+        position = None
+    if (not isinstance(position, list) or len(position) != 2
+            or not all(isinstance(v, str) for v in position)):
+        raise InvalidParameter("NextToken", "not a token ListTagResources returned")
+    return position[0], position[1]
+
+
+async def tag_resources(c: Call) -> dict[str, Any]:
+    refs = _batch_keys(c, required=True)
+    tags = _tag_list(c.params)
+    if not tags:
+        raise MissingParameter("Tag.1.Key")
+    await c.service.tag_resources(c.principal, refs,
+                                  {k: v or "" for k, v in tags.items()})
+    return {}
+
+
+async def untag_resources(c: Call) -> dict[str, Any]:
+    refs = _batch_keys(c, required=True)
+    tag_keys: list[str] | None = c.params.repeated("TagKey", max_items=_BATCH_TAGS)
+    if not tag_keys:
+        # All counts only without tag keys (its API page).
+        if not c.params.boolean("All"):
+            raise MissingParameter("TagKey.1")
+        tag_keys = None
+    await c.service.untag_resources(c.principal, refs, tag_keys)
+    return {}
+
+
+async def list_tag_resources(c: Call) -> dict[str, Any]:
+    refs = _batch_keys(c, required=False)
+    wanted = _tag_list(c.params)
+    after = _after(c.params.optional_text("NextToken", max_len=1024))
+    rows, next_at = await c.service.list_tag_resources(
+        c.principal, refs, wanted, after=after, limit=_TAG_ROWS_PER_PAGE)
+    body: dict[str, Any] = {"TagResources": {"TagResource": [
+        {"ResourceId": key_id, "ResourceType": "key", "TagKey": k, "TagValue": v}
+        for key_id, k, v in rows]}}
+    if next_at is not None:  # Absent on the last page.
+        body["NextToken"] = _next_token(next_at)
+    return body
+
+
 # -- symmetric crypto --------------------------------------------------------------------
 
 def _dry_run(p: Params) -> None:
@@ -603,6 +695,14 @@ ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "TagResource": Action(tag_resource, ("KeyId", "Tags")),
     "UntagResource": Action(untag_resource, ("KeyId", "TagKeys")),
     "ListResourceTags": Action(list_resource_tags, ("KeyId",)),
+    "TagResources": Action(tag_resources, ("RegionId", "ResourceType", "ResourceId.N",
+                                           "Tag.N.Key"), ("Tag.N.Value",),
+                           "The same tags on up to 50 keys, all or none"),
+    "UntagResources": Action(untag_resources, ("RegionId", "ResourceType", "ResourceId.N"),
+                             ("TagKey.N", "All"), "Tags off up to 50 keys, all or none"),
+    "ListTagResources": Action(list_tag_resources, ("RegionId", "ResourceType"),
+                               ("ResourceId.N", "Tag.N.Key", "Tag.N.Value", "NextToken"),
+                               "Tags of keys, 200 rows a page"),
     "Encrypt": Action(encrypt, ("KeyId", "Plaintext"), _CTX),
     "Decrypt": Action(decrypt, ("CiphertextBlob",), (*_CTX, "Recipient")),
     "GenerateDataKey": Action(generate_data_key, ("KeyId",),
@@ -640,7 +740,7 @@ ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
 
 # Actions of the 2016-01-20 API (the official SDK's client) this front does not implement:
 # secrets, application access points, client keys, network rules, policies, managed data
-# keys, HMAC keys, instance purchase and VPC binding, batch tagging, key policies. They get
+# keys, HMAC keys, instance purchase and VPC binding, key policies. They get
 # the same 404 as an unknown name, with a message that says which it is.
 NOT_IMPLEMENTED: Final = frozenset({
     "BatchGetSecretValue", "ConnectKmsInstance", "CreateApplicationAccessPoint",
@@ -651,9 +751,9 @@ NOT_IMPLEMENTED: Final = frozenset({
     "GetKeyPolicy", "GetManagedDataKey", "GetRandomPassword", "GetSecretPolicy",
     "GetSecretValue", "ListApplicationAccessPoints", "ListClientKeys",
     "ListManagedDataKeyVersions", "ListNetworkRules", "ListPolicies",
-    "ListSecretVersionIds", "ListSecrets", "ListTagResources", "OpenKmsService",
+    "ListSecretVersionIds", "ListSecrets", "OpenKmsService",
     "PutSecretValue", "ReleaseKmsInstance", "RestoreSecret", "RotateSecret",
-    "SetKeyPolicy", "SetSecretPolicy", "TagResources", "UntagResources",
+    "SetKeyPolicy", "SetSecretPolicy",
     "UpdateApplicationAccessPoint", "UpdateKmsInstanceBindVpc", "UpdateNetworkRule",
     "UpdatePolicy", "UpdateSecret", "UpdateSecretRotationPolicy",
     "UpdateSecretVersionStage", "VerifyMac"})

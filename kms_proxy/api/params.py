@@ -26,6 +26,7 @@ MAX_CONTEXT_CHARS: Final = 8192
 _DURATION: Final = re.compile(r"([0-9]{1,12})([dhms])")
 _UNIT_SECONDS: Final = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
 _INTEGER: Final = re.compile(r"-?[0-9]{1,19}")
+_INDEX: Final = re.compile(r"[1-9][0-9]{0,5}")
 
 
 class Params:
@@ -174,6 +175,45 @@ class Params:
             raise InvalidParameter(name, f"a JSON array of 1 to {max_items} strings of "
                                    f"1 to {max_len} characters")
         return value
+
+    def repeated(self, name: str, *, max_items: int, max_len: int = 128) -> list[str]:
+        """A list the SDK flattens into ``Name.1``, ``Name.2``, ... (RPC ``repeatList``
+        style: ``ResourceId.N``, ``TagKey.N``); empty when absent."""
+        items = self._numbered(name, max_items=max_items, fields=None)
+        values = [item[""] for item in items]
+        for index, value in enumerate(values, 1):
+            if not 1 <= len(value) <= max_len:
+                raise InvalidParameter(f"{name}.{index}", f"1 to {max_len} characters")
+        return values
+
+    def repeated_objects(self, name: str, fields: tuple[str, ...], *,
+                         max_items: int) -> list[dict[str, str]]:
+        """A list of objects flattened into ``Name.N.Field`` (``Tag.1.Key``,
+        ``Tag.1.Value``); each object holds the fields it was sent with."""
+        return self._numbered(name, max_items=max_items, fields=fields)
+
+    def _numbered(self, name: str, *, max_items: int,
+                  fields: tuple[str, ...] | None) -> list[dict[str, str]]:
+        prefix = f"{name}."
+        found: dict[int, dict[str, str]] = {}
+        for param, value in self._values.items():
+            if not param.startswith(prefix):
+                continue
+            index, _, field = param[len(prefix):].partition(".")
+            if fields is None and field:
+                raise InvalidParameter(param, f"{name}.N takes a value, not fields")
+            if fields is not None and field not in fields:
+                raise InvalidParameter(param, f"{name}.N has the fields "
+                                              f"{', '.join(fields)}")
+            # Decimal digits from 1, no sign or leading zero: "Tag.01" is not "Tag.1".
+            if not _INDEX.fullmatch(index):
+                raise InvalidParameter(param, f"{name}.N is numbered from 1")
+            if int(index) > max_items:
+                raise InvalidParameter(param, f"at most {max_items} items")
+            found.setdefault(int(index), {})[field] = value
+        if sorted(found) != list(range(1, len(found) + 1)):
+            raise InvalidParameter(f"{name}.N", "numbered from 1 without gaps")
+        return [found[i] for i in range(1, len(found) + 1)]
 
     def filters(self, name: str = "Filters") -> list[tuple[str, list[str]]]:
         """``[{"Key": .., "Values": [..]}, ..]``: at most 10 filters of at most 10 values."""

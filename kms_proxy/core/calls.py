@@ -10,13 +10,16 @@ from typing import Final
 
 from kms_proxy.core.model import Key
 
-__all__ = ["REQUEST_ID", "RESOLVED_KEY", "current_request_id"]
+__all__ = ["REQUEST_ID", "RESOLVED_KEY", "RESOLVED_KEYS", "current_request_id"]
 
 REQUEST_ID: Final[ContextVar[str]] = ContextVar("kms_request_id", default="")
 # The key the call resolved (named by id, alias or ARN, or by a blob's head), set by the
 # core for the edge's audit line, which must name the key even when the answer does not
 # (DisableKey KeyId=alias/x answers only a RequestId). The edge clears it per request.
 RESOLVED_KEY: Final[ContextVar[Key | None]] = ContextVar("kms_resolved_key", default=None)
+# The keys a batch action (TagResources, UntagResources) changed, for the same audit line.
+RESOLVED_KEYS: Final[ContextVar[tuple[str, ...]]] = ContextVar("kms_resolved_keys",
+                                                               default=())
 
 
 def current_request_id() -> str:

@@ -62,6 +62,9 @@ class Op(StrEnum):
     TAG_RESOURCE = "TagResource"
     UNTAG_RESOURCE = "UntagResource"
     LIST_RESOURCE_TAGS = "ListResourceTags"
+    TAG_RESOURCES = "TagResources"
+    UNTAG_RESOURCES = "UntagResources"
+    LIST_TAG_RESOURCES = "ListTagResources"
     ENCRYPT = "Encrypt"
     DECRYPT = "Decrypt"
     GENERATE_DATA_KEY = "GenerateDataKey"
@@ -227,6 +230,8 @@ _OP_CAPABILITY: Final[Mapping[Op, Capability]] = MappingProxyType({
     Op.DELETE_ALIAS: Capability.ALIASES,
     Op.TAG_RESOURCE: Capability.TAGS,
     Op.UNTAG_RESOURCE: Capability.TAGS,
+    Op.TAG_RESOURCES: Capability.TAGS,
+    Op.UNTAG_RESOURCES: Capability.TAGS,
     Op.SCHEDULE_KEY_DELETION: Capability.SCHEDULED_DELETION,
     Op.CANCEL_KEY_DELETION: Capability.SCHEDULED_DELETION,
     Op.SET_DELETION_PROTECTION: Capability.DELETION_PROTECTION,
@@ -248,7 +253,8 @@ _SSE_OPS: Final = frozenset({
 # Reads every key kind allows, migrated keys included.
 _READ_OPS: Final = frozenset({
     Op.DESCRIBE_KEY, Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID,
-    Op.LIST_RESOURCE_TAGS, Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION,
+    Op.LIST_RESOURCE_TAGS, Op.LIST_TAG_RESOURCES, Op.LIST_KEY_VERSIONS,
+    Op.DESCRIBE_KEY_VERSION,
 })
 
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from kms_proxy.backends.base import KeyBackend
 from kms_proxy.core.blob import blob_aad, join_blob, split_blob
-from kms_proxy.core.calls import RESOLVED_KEY, current_request_id
+from kms_proxy.core.calls import RESOLVED_KEY, RESOLVED_KEYS, current_request_id
 from kms_proxy.core.capabilities import KIND_INSTANCE, Op, require, spec_info
 from kms_proxy.core.errors import (
     AccessDenied,
@@ -144,14 +144,14 @@ def _check_service_key_owner(principal: Principal, key: Key) -> None:
         raise AccessDenied(principal.arn, "use another product's service key")
 
 
-def _check_tags(tags: Mapping[str, str]) -> None:
+def _check_tags(tags: Mapping[str, str], param: str = "Tags") -> None:
     if len(tags) > MAX_TAGS:
-        raise InvalidParameter("Tags", f"a key has at most {MAX_TAGS} tags")
+        raise InvalidParameter(param, f"a key has at most {MAX_TAGS} tags")
     for key, value in tags.items():
         if not _TAG_CHARS.fullmatch(key) or key.startswith(("aliyun", "acs:")):
-            raise InvalidParameter("Tags", f"tag key {key!r} is not allowed")
+            raise InvalidParameter(param, f"tag key {key!r} is not allowed")
         if not _TAG_VALUE_CHARS.fullmatch(value):
-            raise InvalidParameter("Tags", f"the value of tag {key!r} is not allowed")
+            raise InvalidParameter(param, f"the value of tag {key!r} is not allowed")
 
 
 class KeyService:
@@ -547,6 +547,14 @@ class KeyService:
 
         :raises InvalidParameter: for an unknown filter name.
         """
+        keys = await self._current_keys(principal)
+        for name, values in filters:
+            keys = [k for k in keys if await self._matches(k, name, set(values))]
+        return page(keys, page_number, page_size)
+
+    async def _current_keys(self, principal: Principal) -> list[Key]:
+        """Every key of the principal's account and region as it stands now (deleted ones
+        left out)."""
         keys = []
         for key in await self._store.list_keys(principal.account_id, self.region):
             try:
@@ -557,9 +565,7 @@ class KeyService:
                 current = key
             if current is not None:
                 keys.append(current)
-        for name, values in filters:
-            keys = [k for k in keys if await self._matches(k, name, set(values))]
-        return page(keys, page_number, page_size)
+        return keys
 
     async def _matches(self, key: Key, name: str, values: set[str]) -> bool:
         simple = {"KeyState": key.state.value, "KeySpec": key.spec.value,
@@ -640,20 +646,71 @@ class KeyService:
 
     async def tag_resource(self, principal: Principal, key_ref: str,
                            tags: Mapping[str, str]) -> None:
-        key = await self._usable(principal, key_ref, Op.TAG_RESOURCE)
-        _check_tags(tags)
-        if not await self._store.set_tags(key.key_id, tags, limit=MAX_TAGS):
-            raise InvalidParameter("Tags", f"a key has at most {MAX_TAGS} tags")
+        await self.tag_resources(principal, [key_ref], tags, op=Op.TAG_RESOURCE, param="Tags")
+
+    async def tag_resources(self, principal: Principal, key_refs: Sequence[str],
+                            tags: Mapping[str, str], *, op: Op = Op.TAG_RESOURCES,
+                            param: str = "Tag") -> None:
+        """The same tags on every key named, all or none: a key that cannot be tagged, or
+        that would have more than ``MAX_TAGS``, fails the whole call and changes nothing."""
+        keys = await self._each(principal, key_refs, op)
+        _check_tags(tags, param)
+        over = await self._store.set_tags_many(keys, tags, limit=MAX_TAGS)
+        if over is not None:
+            raise InvalidParameter(param, f"a key has at most {MAX_TAGS} tags ({over} would "
+                                          "have more)")
 
     async def untag_resource(self, principal: Principal, key_ref: str,
                              tag_keys: Sequence[str]) -> None:
-        key = await self._usable(principal, key_ref, Op.UNTAG_RESOURCE)
-        await self._store.remove_tags(key.key_id, tag_keys)
+        await self.untag_resources(principal, [key_ref], tag_keys, op=Op.UNTAG_RESOURCE)
+
+    async def untag_resources(self, principal: Principal, key_refs: Sequence[str],
+                              tag_keys: Sequence[str] | None, *,
+                              op: Op = Op.UNTAG_RESOURCES) -> None:
+        """``tag_keys`` (every tag when None) off every key named, all or none. A tag a key
+        does not have is no error."""
+        keys = await self._each(principal, key_refs, op)
+        await self._store.remove_tags_many(keys, tag_keys)
 
     async def list_resource_tags(self, principal: Principal, key_ref: str
                                  ) -> tuple[Key, Mapping[str, str]]:
         key = await self.resolve(principal, key_ref)
         return key, await self._store.get_tags(key.key_id)
+
+    async def list_tag_resources(self, principal: Principal, key_refs: Sequence[str],
+                                 wanted: Mapping[str, str | None], *,
+                                 after: tuple[str, str] | None, limit: int
+                                 ) -> tuple[list[tuple[str, str, str]], tuple[str, str] | None]:
+        """A page of (key id, tag key, tag value) rows, in that order, of the keys named
+        (every key of the account when none is) that carry every ``wanted`` tag (with its
+        value, when one is given); rows after ``after`` only. Also where the next page
+        starts (None on the last): a position, not an offset, so that tags added or
+        removed between two pages neither repeat nor skip a row."""
+        if key_refs:
+            key_ids = await self._each(principal, key_refs, Op.LIST_TAG_RESOURCES)
+        else:
+            key_ids = [k.key_id for k in await self._current_keys(principal)]
+        tags = await self._store.get_tags_many(key_ids)
+        rows = []
+        for key_id in sorted(tags):
+            have = tags[key_id]
+            if all(name in have and value in (None, have[name])
+                   for name, value in wanted.items()):
+                rows += [(key_id, name, value) for name, value in sorted(have.items())
+                         if after is None or (key_id, name) > after]
+        shown = rows[:limit]
+        return shown, (shown[-1][0], shown[-1][1]) if len(rows) > limit else None
+
+    async def _each(self, principal: Principal, key_refs: Sequence[str], op: Op) -> list[str]:
+        """The ids of the keys ``key_refs`` name (by id, alias or ARN), each checked for
+        ``op``, once each; the audit line names them all."""
+        key_ids: dict[str, None] = {}
+        for ref in key_refs:
+            key_ids[(await self._usable(principal, ref, op)).key_id] = None
+        RESOLVED_KEYS.set(tuple(key_ids))
+        if len(key_ids) > 1:
+            RESOLVED_KEY.set(None)
+        return list(key_ids)
 
     # -- symmetric crypto --------------------------------------------------------------
 

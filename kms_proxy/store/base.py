@@ -83,9 +83,17 @@ class Store(Protocol):
 
     async def get_tags(self, key_id: str) -> Mapping[str, str]: ...
 
-    async def set_tags(self, key_id: str, tags: Mapping[str, str], *, limit: int) -> bool:
-        """Add or overwrite tags unless the key would then have more than ``limit``;
-        returns False (and changes nothing) in that case."""
+    async def get_tags_many(self, key_ids: Sequence[str]) -> Mapping[str, Mapping[str, str]]:
+        """Every listed key's tags (keys without tags are absent)."""
         ...
 
-    async def remove_tags(self, key_id: str, tag_keys: Sequence[str]) -> None: ...
+    async def set_tags_many(self, key_ids: Sequence[str], tags: Mapping[str, str], *,
+                            limit: int) -> str | None:
+        """Add or overwrite ``tags`` on every key in one transaction, unless one of them
+        would then have more than ``limit``: that key's id is returned, nothing changed."""
+        ...
+
+    async def remove_tags_many(self, key_ids: Sequence[str],
+                               tag_keys: Sequence[str] | None) -> None:
+        """Remove ``tag_keys`` (every tag when None) from every key, in one transaction."""
+        ...

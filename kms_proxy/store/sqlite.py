@@ -239,14 +239,32 @@ class SQLiteStore:
                                "ORDER BY tag_key", (key_id,)).fetchall()
         return dict(rows)
 
-    async def set_tags(self, key_id: str, tags: Mapping[str, str], *, limit: int) -> bool:
-        existing = await self.get_tags(key_id)
-        if len(set(existing) | set(tags)) > limit:
-            return False
-        self._write([("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (key_id, k, v))
-                     for k, v in tags.items()])
-        return True
+    async def get_tags_many(self, key_ids: Sequence[str]) -> Mapping[str, Mapping[str, str]]:
+        found: dict[str, dict[str, str]] = {}
+        # One JSON array parameter: a statement's parameter count is capped.
+        rows = self.db.execute(
+            "SELECT key_id, tag_key, tag_value FROM tags WHERE key_id IN "
+            "(SELECT value FROM json_each(?)) ORDER BY key_id, tag_key",
+            (json.dumps(list(key_ids)),)).fetchall()
+        for key_id, tag_key, tag_value in rows:
+            found.setdefault(key_id, {})[tag_key] = tag_value
+        return found
 
-    async def remove_tags(self, key_id: str, tag_keys: Sequence[str]) -> None:
-        self._write([("DELETE FROM tags WHERE key_id = ? AND tag_key = ?", (key_id, k))
-                     for k in tag_keys])
+    async def set_tags_many(self, key_ids: Sequence[str], tags: Mapping[str, str], *,
+                            limit: int) -> str | None:
+        existing = await self.get_tags_many(key_ids)
+        for key_id in key_ids:
+            if len(set(existing.get(key_id, {})) | set(tags)) > limit:
+                return key_id
+        self._write([("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (key_id, k, v))
+                     for key_id in key_ids for k, v in tags.items()])
+        return None
+
+    async def remove_tags_many(self, key_ids: Sequence[str],
+                               tag_keys: Sequence[str] | None) -> None:
+        if tag_keys is None:
+            self._write([("DELETE FROM tags WHERE key_id = ?", (key_id,))
+                         for key_id in key_ids])
+        else:
+            self._write([("DELETE FROM tags WHERE key_id = ? AND tag_key = ?", (key_id, k))
+                         for key_id in key_ids for k in tag_keys])

@@ -80,7 +80,8 @@ def test_direct_calls_versus_server_side_encryption(kind: KeyKind, op: Op) -> No
 def test_migrated_keys_allow_only_reads() -> None:
     for op in Op:
         if op in (Op.DESCRIBE_KEY, Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID,
-                  Op.LIST_RESOURCE_TAGS, Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION):
+                  Op.LIST_RESOURCE_TAGS, Op.LIST_TAG_RESOURCES, Op.LIST_KEY_VERSIONS,
+                  Op.DESCRIBE_KEY_VERSION):
             require(KeyKind.MIGRATED, op, PrincipalKind.USER)
         elif op is not Op.CREATE_KEY and op not in ACCOUNT_OPS:
             with pytest.raises(UnsupportedOperation, match="read-only"):
@@ -151,6 +152,7 @@ def test_spec_table() -> None:
 SERVICE_MAY = {Op.ENCRYPT, Op.DECRYPT, Op.GENERATE_DATA_KEY,
                Op.GENERATE_DATA_KEY_WITHOUT_PLAINTEXT, Op.RE_ENCRYPT, Op.DESCRIBE_KEY,
                Op.LIST_KEYS, Op.LIST_ALIASES, Op.LIST_ALIASES_BY_KEY_ID, Op.LIST_RESOURCE_TAGS,
+               Op.LIST_TAG_RESOURCES,
                Op.LIST_KEY_VERSIONS, Op.DESCRIBE_KEY_VERSION, Op.GET_KMS_INSTANCE,
                Op.GET_KMS_INSTANCE_QUOTA_INFOS, Op.LIST_KMS_INSTANCES, Op.DESCRIBE_REGIONS,
                Op.GET_DEFAULT_KMS_INSTANCE, Op.DESCRIBE_ACCOUNT_KMS_STATUS}
