@@ -492,20 +492,10 @@ def run_load(stack: Stack, job: Job, opts: LoadOptions, presign: int,
         print(f"  ! a generator used up its {'requests cap' if job.request else 'pre-signed'}"
               " requests before the end: the window ends at its last answer; raise "
               "--presign / --max-requests", file=sys.stderr, flush=True)
-    gen_cpu = 100 * run.gen_cpu_seconds / run.cpu_window_s
-    front_cpu, ekm_cpu = run.cpu_pct("front"), run.cpu_pct("ekm")
-    ops_s = run.ops_s
-
-    def per_op(pct: float) -> float:
-        return pct / 100 / ops_s * 1e6 if ops_s else math.nan
-
     return RunResult(
-        **run.figures(), gen_cpu_pct=gen_cpu, front_cpu_pct=front_cpu,
+        **run.figures(), **run.cpu_columns("front", "ekm"),
         front_sys_pct=run.cpu_pct("front", system_only=True),
-        ekm_cpu_pct=ekm_cpu, machine_busy_pct=run.machine_busy_pct,
-        other_cpu_pct=run.other_pct(gen_cpu, front_cpu, ekm_cpu), steal_pct=run.steal_pct,
-        gen_us=per_op(gen_cpu), front_us=per_op(front_cpu), ekm_us=per_op(ekm_cpu),
-        lag_p99_ms=loadgen.percentile(run.lags_ms, 99) if job.rate and run.lags_ms else None,
+        lag_p99_ms=run.lag_p99_ms() if job.rate else None,
         signed=run.made, used=run.sent, exhausted=run.exhausted,
         sign_seconds=run.make_seconds, window_s=run.window_s)
 

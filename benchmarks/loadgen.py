@@ -646,6 +646,29 @@ class Measured:
         user, system = self.watched[group]
         return 100 * (system if system_only else user + system) / self.cpu_window_s
 
+    def cpu_columns(self, *groups: str) -> dict[str, Any]:
+        """The CPU columns of a result row: the generator's and each watched group's CPU
+        in % of one core (``gen_cpu_pct``, ``<group>_cpu_pct``) and in µs per answered
+        request (``gen_us``, ``<group>_us``), and the machine's busy, other and steal %."""
+        gen = 100 * self.gen_cpu_seconds / self.cpu_window_s
+        used = {group: self.cpu_pct(group) for group in groups}
+        ops_s = self.ops_s
+
+        def per_op(pct: float) -> float:
+            return pct / 100 / ops_s * 1e6 if ops_s else math.nan
+
+        columns = {"gen_cpu_pct": gen, "gen_us": per_op(gen),
+                   "machine_busy_pct": self.machine_busy_pct,
+                   "other_cpu_pct": self.other_pct(gen, *used.values()),
+                   "steal_pct": self.steal_pct}
+        for group, pct in used.items():
+            columns[f"{group}_cpu_pct"], columns[f"{group}_us"] = pct, per_op(pct)
+        return columns
+
+    def lag_p99_ms(self) -> float | None:
+        """Open loop: how late the 99th percentile of requests left the generator."""
+        return percentile(self.lags_ms, 99) if self.lags_ms else None
+
     def other_pct(self, *used_pct: float) -> float:
         """Machine CPU that none of ``used_pct`` accounts for: other work on the box."""
         return max(0.0, self.machine_busy_pct - sum(used_pct))

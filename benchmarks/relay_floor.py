@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import os
 import shutil
 import signal
@@ -255,20 +254,8 @@ def run_load(servers: Servers, request: bytes, rate: float,
     if not servers.alive():
         raise RuntimeError("a relay-floor server died during the run")
     run.warn_errors()
-    gen_cpu = 100 * run.gen_cpu_seconds / run.cpu_window_s
-    edge_cpu, ekm_cpu = run.cpu_pct("edge"), run.cpu_pct("ekm")
-    ops_s = run.ops_s
-
-    def per_op(pct: float) -> float:
-        return pct / 100 / ops_s * 1e6 if ops_s else math.nan
-
-    return RunResult(
-        **run.figures(), gen_cpu_pct=gen_cpu, edge_cpu_pct=edge_cpu, ekm_cpu_pct=ekm_cpu,
-        machine_busy_pct=run.machine_busy_pct,
-        other_cpu_pct=run.other_pct(gen_cpu, edge_cpu, ekm_cpu), steal_pct=run.steal_pct,
-        gen_us=per_op(gen_cpu), edge_us=per_op(edge_cpu), ekm_us=per_op(ekm_cpu),
-        lag_p99_ms=loadgen.percentile(run.lags_ms, 99) if rate and run.lags_ms else None,
-        window_s=run.window_s)
+    return RunResult(**run.figures(), **run.cpu_columns("edge", "ekm"),
+                     lag_p99_ms=run.lag_p99_ms() if rate else None, window_s=run.window_s)
 
 
 TABLE: Final = loadgen.Table(
