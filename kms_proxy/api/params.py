@@ -199,8 +199,8 @@ class Params:
         for param, value in self._values.items():
             if not param.startswith(prefix):
                 continue
-            index, _, field = param[len(prefix):].partition(".")
-            if fields is None and field:
+            index, dot, field = param[len(prefix):].partition(".")
+            if fields is None and dot:  # "ResourceId.1." is not "ResourceId.1"
                 raise InvalidParameter(param, f"{name}.N takes a value, not fields")
             if fields is not None and field not in fields:
                 raise InvalidParameter(param, f"{name}.N has the fields "

@@ -136,11 +136,16 @@ def _region_code(region: str) -> str:
     return _REGION_CODES.get(region) or f"{region.split('-')[-1][:2]}z"
 
 
-def _check_service_key_owner(principal: Principal, key: Key) -> None:
+def _service_key_owner_ok(principal: Principal, key: Key) -> bool:
     """A service key belongs to one cloud product (its creator): another product's service
-    principal may not use it. :raises AccessDenied:"""
-    if (key.kind is KeyKind.SERVICE and principal.kind is PrincipalKind.SERVICE
-            and principal.product != key.creator):
+    principal may not use it."""
+    return not (key.kind is KeyKind.SERVICE and principal.kind is PrincipalKind.SERVICE
+                and principal.product != key.creator)
+
+
+def _check_service_key_owner(principal: Principal, key: Key) -> None:
+    """:raises AccessDenied: if ``principal`` is another product than the service key's."""
+    if not _service_key_owner_ok(principal, key):
         raise AccessDenied(principal.arn, "use another product's service key")
 
 
@@ -553,10 +558,12 @@ class KeyService:
         return page(keys, page_number, page_size)
 
     async def _current_keys(self, principal: Principal) -> list[Key]:
-        """Every key of the principal's account and region as it stands now (deleted ones
-        left out)."""
+        """Every key of the principal's account and region that it could name one by one,
+        as it stands now: deleted keys and other cloud products' service keys left out."""
         keys = []
         for key in await self._store.list_keys(principal.account_id, self.region):
+            if not _service_key_owner_ok(principal, key):
+                continue
             try:
                 current = await self.lifecycle.current(key)
             except DependencyUnavailable:
@@ -653,9 +660,9 @@ class KeyService:
                             param: str = "Tag") -> None:
         """The same tags on every key named, all or none: a key that cannot be tagged, or
         that would have more than ``MAX_TAGS``, fails the whole call and changes nothing."""
-        keys = await self._each(principal, key_refs, op)
-        _check_tags(tags, param)
-        over = await self._store.set_tags_many(keys, tags, limit=MAX_TAGS)
+        async with self._holding_each(principal, key_refs, op) as keys:
+            _check_tags(tags, param)
+            over = await self._store.set_tags_many(keys, tags, limit=MAX_TAGS)
         if over is not None:
             raise InvalidParameter(param, f"a key has at most {MAX_TAGS} tags ({over} would "
                                           "have more)")
@@ -669,8 +676,8 @@ class KeyService:
                               op: Op = Op.UNTAG_RESOURCES) -> None:
         """``tag_keys`` (every tag when None) off every key named, all or none. A tag a key
         does not have is no error."""
-        keys = await self._each(principal, key_refs, op)
-        await self._store.remove_tags_many(keys, tag_keys)
+        async with self._holding_each(principal, key_refs, op) as keys:
+            await self._store.remove_tags_many(keys, tag_keys)
 
     async def list_resource_tags(self, principal: Principal, key_ref: str
                                  ) -> tuple[Key, Mapping[str, str]]:
@@ -703,14 +710,35 @@ class KeyService:
 
     async def _each(self, principal: Principal, key_refs: Sequence[str], op: Op) -> list[str]:
         """The ids of the keys ``key_refs`` name (by id, alias or ARN), each checked for
-        ``op``, once each; the audit line names them all."""
+        ``op``, once each. The audit line of a batch lists them all: by id once all are
+        found, else as the caller named them, with the one refused as its key when it
+        was found (a key not found is not confused with the one before it)."""
+        batch = len(key_refs) > 1
+        if batch:
+            RESOLVED_KEYS.set(tuple(ref[:256] for ref in key_refs))
         key_ids: dict[str, None] = {}
         for ref in key_refs:
+            if batch:
+                RESOLVED_KEY.set(None)
             key_ids[(await self._usable(principal, ref, op)).key_id] = None
-        RESOLVED_KEYS.set(tuple(key_ids))
-        if len(key_ids) > 1:
-            RESOLVED_KEY.set(None)
+        if batch:
+            RESOLVED_KEYS.set(tuple(key_ids))
+            if len(key_ids) > 1:
+                RESOLVED_KEY.set(None)
         return list(key_ids)
+
+    @contextlib.asynccontextmanager
+    async def _holding_each(self, principal: Principal, key_refs: Sequence[str],
+                            op: Op) -> AsyncIterator[list[str]]:
+        """``_each``, with every key held against other changes until the block ends and
+        checked again once held: a key cannot become PendingDeletion between its check
+        and the block's write. Held in key-id order, so two batches never wait on each
+        other."""
+        key_ids = await self._each(principal, key_refs, op)
+        async with contextlib.AsyncExitStack() as held:
+            for key_id in sorted(key_ids):
+                await held.enter_async_context(self.key_locks.hold(key_id))
+            yield await self._each(principal, key_ids, op)
 
     # -- symmetric crypto --------------------------------------------------------------
 

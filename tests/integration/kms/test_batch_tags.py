@@ -202,9 +202,24 @@ async def test_a_batch_is_audited_with_every_key(start_kms: StartKms) -> None:
     one, two = [await new_key(kms, client) for _ in range(2)]
     await kms.sdk(client, "tag_resources", models.TagResourcesRequest(
         region_id=REGION, resource_type="key", resource_id=[one, two], tag=[tag("a", "b")]))
+    await kms.sdk_error(client, "tag_resources", models.TagResourcesRequest(
+        region_id=REGION, resource_type="key", resource_id=[one, "alias/nowhere", two],
+        tag=[tag("a", "b")]))
+    await kms.sdk(client, "schedule_key_deletion", models.ScheduleKeyDeletionRequest(
+        key_id=two, pending_window_in_days=7))
+    await kms.sdk_error(client, "tag_resources", models.TagResourcesRequest(
+        region_id=REGION, resource_type="key", resource_id=[one, two], tag=[tag("a", "b")]))
     await kms.stop()  # flushes the audit log
     events = [json.loads(line) for line in kms.config.audit_log.read_text().splitlines()]
-    event = [e for e in events if e["action"] == "TagResources"][-1]
-    assert event["outcome"] == "Success"
-    assert event["details"]["ResourceIds"] == f"{one},{two}"
-    assert event["key_id"] is None
+    tagged, refused, pending = [e for e in events if e["action"] == "TagResources"]
+    assert tagged["outcome"] == "Success"
+    assert tagged["details"]["ResourceIds"] == f"{one},{two}"
+    assert tagged["key_id"] is None
+    # Refused for an alias not found: the line names no key (not the one found before it)
+    # and lists the batch as sent.
+    assert refused["error_code"] == "Forbidden.AliasNotFound"
+    assert refused["key_id"] is None
+    assert refused["details"]["ResourceIds"] == f"{one},alias/nowhere,{two}"
+    # Refused for a key found: that key is named.
+    assert pending["error_code"] == "Rejected.PendingDeletion"
+    assert pending["key_id"] == two

@@ -1363,3 +1363,33 @@ async def test_the_key_is_judged_before_the_window(build: Build) -> None:
     key = await create(service)
     with pytest.raises(InvalidParameter, match="PendingWindowInDays"):
         await service.lifecycle.schedule_key_deletion(USER, key.key_id, 3)
+
+
+async def test_a_tag_batch_does_not_tag_a_key_scheduled_for_deletion_meanwhile(
+        build: Build) -> None:
+    """A batch checks its keys, then holds them (in key-id order) and checks them again
+    before writing: a key whose deletion was scheduled in between is refused, and the
+    batch changes no key."""
+    env = await build()
+    service = env.service
+    first, second = sorted([await create(service), await create(service)],
+                           key=lambda k: k.key_id)
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def schedule_while_held() -> None:
+        async with service.key_locks.hold(first.key_id):
+            held.set()
+            await release.wait()
+            await service.lifecycle.schedule_key_deletion(USER, first.key_id, 7)
+
+    scheduler = asyncio.create_task(schedule_while_held())
+    await held.wait()
+    batch = asyncio.create_task(service.tag_resources(USER, [second.key_id, first.key_id],
+                                                      {"late": "yes"}))
+    await asyncio.sleep(0.2)  # The batch has checked both keys and waits for the first.
+    assert not batch.done()
+    release.set()
+    await scheduler
+    with pytest.raises(KeyStateInvalid):
+        await batch
+    assert await service._store.get_tags_many([first.key_id, second.key_id]) == {}

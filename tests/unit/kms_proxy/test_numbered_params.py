@@ -35,6 +35,7 @@ def test_objects_keep_the_fields_they_were_sent_with() -> None:
     ({"ResourceId.1": ""}, "ResourceId.1"),
     ({"ResourceId.1": "x" * 129}, "ResourceId.1"),
     ({"ResourceId.": "a"}, "ResourceId."),
+    ({"ResourceId.1": "a", "ResourceId.1.": "b"}, "ResourceId.1."),  # not a second .1
     ({"ResourceId.\u0661": "a"}, "ResourceId.\u0661"),  # an Arabic-Indic digit one
 ])
 def test_bad_lists_are_refused_by_name(values: dict[str, str], named: str) -> None:
@@ -47,6 +48,7 @@ def test_bad_lists_are_refused_by_name(values: dict[str, str], named: str) -> No
     ({"Tag.1": "k"}, "Tag.1"),
     ({"Tag.1.Colour": "red"}, "Tag.1.Colour"),
     ({"Tag.1.Key.x": "k"}, "Tag.1.Key.x"),
+    ({"Tag.1.Key": "k", "Tag.1.": "v"}, "Tag.1."),
     ({"Tag.21.Key": "k"}, "Tag.21.Key"),
     ({"Tag.2.Key": "k"}, "Tag.N"),
 ])
