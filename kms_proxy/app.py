@@ -241,7 +241,7 @@ def _audit(request: web.Request, action: str, principal: Principal, outcome: Out
     if "AliasName" in params:
         details["AliasName"] = params["AliasName"][:256]
     batch = RESOLVED_KEYS.get()
-    if len(batch) > 1:  # TagResources and its kind: every key, by id (at most 50).
+    if len(batch) > 1:  # TagResources and its kind: every key named (at most 50).
         details["ResourceIds"] = ",".join(batch)
     audit.append(AuditEvent(
         time=audit.now(), request_id=request[REQUEST_ID], principal=principal.arn,

@@ -381,7 +381,7 @@ def _after(token: str | None) -> tuple[str, str] | None:
         return None
     try:
         position = json.loads(urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         position = None
     if (not isinstance(position, list) or len(position) != 2
             or not all(isinstance(v, str) for v in position)):

@@ -17,7 +17,8 @@ REQUEST_ID: Final[ContextVar[str]] = ContextVar("kms_request_id", default="")
 # core for the edge's audit line, which must name the key even when the answer does not
 # (DisableKey KeyId=alias/x answers only a RequestId). The edge clears it per request.
 RESOLVED_KEY: Final[ContextVar[Key | None]] = ContextVar("kms_resolved_key", default=None)
-# The keys a batch action (TagResources, UntagResources) changed, for the same audit line.
+# The keys a batch action (TagResources and its kind) named, for the same audit line: by
+# id once all were found, else as the caller named them.
 RESOLVED_KEYS: Final[ContextVar[tuple[str, ...]]] = ContextVar("kms_resolved_keys",
                                                                default=())
 
