@@ -28,6 +28,7 @@ from kms_proxy.core.model import (
     Principal,
     ProtectionLevel,
 )
+from kms_proxy.core.passwords import CLASSES, random_password
 from kms_proxy.core.service import KeyService, Page
 
 __all__ = ["ACTIONS", "Action", "Call"]
@@ -649,6 +650,17 @@ def _product_type(region: str) -> str:
     return "kms_ppi_public_cn" if region.startswith("cn-") else "kms_ppi_public_intl"
 
 
+async def get_random_password(c: Call) -> dict[str, Any]:
+    p = c.params
+    length = p.integer("PasswordLength", default=32, low=8, high=128)
+    assert length is not None
+    password = random_password(
+        length, excluded_classes=frozenset(name for name in CLASSES if p.boolean(name)),
+        exclude=p.optional_text("ExcludeCharacters", max_len=256) or "",
+        require_each=p.boolean("RequireEachIncludedType"))
+    return {"RandomPassword": password}
+
+
 async def describe_regions(c: Call) -> dict[str, Any]:
     return {"Regions": {"Region": [{"RegionId": r} for r in c.service.describe_regions()]}}
 
@@ -736,6 +748,11 @@ ACTIONS: Final[Mapping[str, Action]] = MappingProxyType({
     "DescribeAccountKmsStatus": Action(describe_account_kms_status, (), (),
                                        "Whether KMS is enabled for the account"),
     "DescribeRegions": Action(describe_regions),
+    "GetRandomPassword": Action(get_random_password, (),
+                                ("PasswordLength", "ExcludeCharacters", "ExcludeLowercase",
+                                 "ExcludeUppercase", "ExcludeNumbers", "ExcludePunctuation",
+                                 "RequireEachIncludedType"),
+                                "A password from the CSPRNG (8-128 characters)"),
 })
 
 # Actions of the 2016-01-20 API (the official SDK's client) this front does not implement:
@@ -748,7 +765,7 @@ NOT_IMPLEMENTED: Final = frozenset({
     "DeleteApplicationAccessPoint", "DeleteClientKey", "DeleteNetworkRule", "DeletePolicy",
     "DeleteSecret", "DescribeApplicationAccessPoint", "DescribeNetworkRule",
     "DescribePolicy", "DescribeSecret", "GenerateMac", "GetChallenge", "GetClientKey",
-    "GetKeyPolicy", "GetManagedDataKey", "GetRandomPassword", "GetSecretPolicy",
+    "GetKeyPolicy", "GetManagedDataKey", "GetSecretPolicy",
     "GetSecretValue", "ListApplicationAccessPoints", "ListClientKeys",
     "ListManagedDataKeyVersions", "ListNetworkRules", "ListPolicies",
     "ListSecretVersionIds", "ListSecrets", "OpenKmsService",

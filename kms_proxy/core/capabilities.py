@@ -28,6 +28,7 @@ from kms_proxy.core.model import (
 
 __all__ = [
     "ACCOUNT_OPS",
+    "KEYLESS_OPS",
     "KIND_CAPABILITIES",
     "KIND_INSTANCE",
     "ROTATION_RULES",
@@ -83,6 +84,7 @@ class Op(StrEnum):
     GET_DEFAULT_KMS_INSTANCE = "GetDefaultKmsInstance"
     DESCRIBE_ACCOUNT_KMS_STATUS = "DescribeAccountKmsStatus"
     DESCRIBE_REGIONS = "DescribeRegions"
+    GET_RANDOM_PASSWORD = "GetRandomPassword"  # noqa: S105 (an action name)
     SCHEDULE_KEY_DELETION = "ScheduleKeyDeletion"
     CANCEL_KEY_DELETION = "CancelKeyDeletion"
     SET_DELETION_PROTECTION = "SetDeletionProtection"
@@ -262,6 +264,9 @@ _READ_OPS: Final = frozenset({
 ACCOUNT_OPS: Final = frozenset({
     Op.LIST_KMS_INSTANCES, Op.GET_KMS_INSTANCE, Op.GET_KMS_INSTANCE_QUOTA_INFOS,
     Op.GET_DEFAULT_KMS_INSTANCE, Op.DESCRIBE_ACCOUNT_KMS_STATUS, Op.DESCRIBE_REGIONS})
+
+# Actions that name no key at all: no kind or state applies.
+KEYLESS_OPS: Final = ACCOUNT_OPS | {Op.GET_RANDOM_PASSWORD}
 
 # What a cloud service (a JWT service principal) may call for the account it acts for: the
 # crypto of server-side encryption and reads. Managing keys (creating, rotating, deleting,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kms_proxy.core.capabilities import (
-    ACCOUNT_OPS,
+    KEYLESS_OPS,
     KIND_CAPABILITIES,
     SPECS,
     Capability,
@@ -83,7 +83,7 @@ def test_migrated_keys_allow_only_reads() -> None:
                   Op.LIST_RESOURCE_TAGS, Op.LIST_TAG_RESOURCES, Op.LIST_KEY_VERSIONS,
                   Op.DESCRIBE_KEY_VERSION):
             require(KeyKind.MIGRATED, op, PrincipalKind.USER)
-        elif op is not Op.CREATE_KEY and op not in ACCOUNT_OPS:
+        elif op is not Op.CREATE_KEY and op not in KEYLESS_OPS:
             with pytest.raises(UnsupportedOperation, match="read-only"):
                 require(KeyKind.MIGRATED, op, PrincipalKind.USER)
 
@@ -134,7 +134,7 @@ def test_every_cell_of_the_state_table(op: Op, state: KeyState, code: str | None
 
 
 def test_every_op_has_a_state_row() -> None:
-    missing = {op for op in Op if op not in STATE_RULES} - ACCOUNT_OPS
+    missing = {op for op in Op if op not in STATE_RULES} - KEYLESS_OPS
     assert missing == set()
 
 
