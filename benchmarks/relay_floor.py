@@ -142,7 +142,7 @@ def _serve(args: argparse.Namespace) -> None:
                         ssl_context=ssl_context, unparsable=unparsable,
                         port_file=Path(args.port_file))
 
-    run_loop(main(), event_loop="asyncio")
+    run_loop(main(), event_loop=args.server_loop)
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -164,7 +164,8 @@ def _make_certs(directory: Path) -> None:
 class Servers(contextlib.AbstractContextManager["Servers"]):
     """The ``ekm`` and ``edge`` processes in a fresh temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_loop: str) -> None:
+        self.server_loop = server_loop
         self.workdir = Path(tempfile.mkdtemp(prefix="relay-floor-"))
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
@@ -175,7 +176,7 @@ class Servers(contextlib.AbstractContextManager["Servers"]):
         with log:
             self.processes[role] = subprocess.Popen(
                 [sys.executable, __file__, "--serve", role, "--certs", str(self.workdir),
-                 "--port-file", str(port_file), *extra],
+                 "--port-file", str(port_file), "--server-loop", self.server_loop, *extra],
                 stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(
                     p for p in (str(Path(__file__).resolve().parents[1]),
@@ -275,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--certs", help=argparse.SUPPRESS)
     p.add_argument("--port-file", help=argparse.SUPPRESS)
     p.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--server-loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="the two servers' event loop (both project servers can run either: "
+                        "server.event_loop); default %(default)s, the projects' default")
     p.add_argument("--rate", default=f"{TARGET_RATE:g}",
                    help="comma-separated fixed rates (requests/s) for the open-loop relay "
                         "runs; 0 = none (default %(default)s, the external-key target)")
@@ -299,9 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--rate must be at most 20000 (a bounded load on loopback)")
     loadgen.exit_on_sigterm()
     opts = loadgen.LoadOptions.from_args(args)
-    print(f"relay_floor: {os.cpu_count()} CPUs, {loadgen.describe_load(args)}", flush=True)
+    print(f"relay_floor: {os.cpu_count()} CPUs, servers on {args.server_loop}, "
+          f"{loadgen.describe_load(args)}", flush=True)
     rows: dict[str, list[RunResult]] = {}
-    with Servers() as servers:
+    with Servers(args.server_loop) as servers:
         health = loadgen.get_request("/health", f"{HOST}:{servers.ports['edge']}")
         relay = servers.relay_request()
         with contextlib.closing(loadgen.Session(servers.target(), timeout=5)) as check:
