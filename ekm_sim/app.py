@@ -45,6 +45,7 @@ from shared.serving import (
     BODY_TIMEOUT_S,
     CLIENT_CLOSED_REQUEST,
     BodyRefused,
+    expect_handler,
     line_writer,
     read_body,
 )
@@ -326,15 +327,9 @@ async def get_health_status(request: web.Request) -> web.Response:
     ).to_wire())
 
 
-async def _expect(request: web.Request) -> web.StreamResponse | None:
-    """``Expect: 100-continue`` as aiohttp does it; any other expectation gets an XKS error
-    (aiohttp's own answer was a text/plain 417, and every answer here is JSON)."""
-    if request.headers.get("Expect", "").strip().lower() == "100-continue":
-        if request.version >= (1, 1):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
-    return render_error(XKSError(ErrorName.VALIDATION, "only Expect: 100-continue is "
-                                                       "understood"))
+# Every answer here is JSON, also to an Expect other than 100-continue.
+_expect: Final = expect_handler(lambda: render_error(XKSError(
+    ErrorName.VALIDATION, "only Expect: 100-continue is understood")))
 
 
 async def ping(request: web.Request) -> web.Response:
@@ -383,7 +378,7 @@ def create_app(config: Config, *, pool: PKCS11Pool | None = None) -> web.Applica
             yield
 
     app.cleanup_ctx.append(keystore_ctx)
-    app.router.add_get("/ping", ping)
+    app.router.add_get("/ping", ping, expect_handler=_expect)
     verifiers: dict[str, SigV4Verifier] = {}
     for store in config.stores:
         verifiers[store.uri_prefix] = SigV4Verifier(service=SERVICE, region=store.region,

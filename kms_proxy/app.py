@@ -48,7 +48,13 @@ from kms_proxy.core.service import KeyService, ServiceConfig
 from kms_proxy.openapi import openapi_document
 from kms_proxy.store.sqlite import SQLiteStore
 from shared.pkcs11pool import DispatchMode, PKCS11Pool, PoolConfig
-from shared.serving import BODY_TIMEOUT_S, CLIENT_CLOSED_REQUEST, BodyRefused, read_body
+from shared.serving import (
+    BODY_TIMEOUT_S,
+    CLIENT_CLOSED_REQUEST,
+    BodyRefused,
+    expect_handler,
+    read_body,
+)
 from shared.sigv4 import Credential
 
 __all__ = ["AUDIT", "CONFIG", "SERVICE", "create_app", "unparsable_answer"]
@@ -79,6 +85,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
                         content_type="application/json")
+
+
+# An Expect other than 100-continue gets the API's envelope (it is answered before any
+# middleware, so the request id is made here).
+_expect: Final = expect_handler(lambda: _json(error_body(ApiError(
+    "InvalidParameter", 400, 'The specified parameter "Expect" is not valid. Only '
+    "Expect: 100-continue is understood."), str(uuid.uuid4()).upper()), 400))
 
 
 def _from_http(exc: web.HTTPException) -> ApiError:
@@ -398,11 +411,12 @@ def create_app(config: Config) -> web.Application:
                     await sweeper
 
     app.cleanup_ctx.append(resources)
-    app.router.add_route("POST", "/", rpc)
-    app.router.add_route("GET", "/", rpc)
-    app.router.add_get("/openapi.json", openapi)
-    app.router.add_get("/health", health)
+    app.router.add_route("POST", "/", rpc, expect_handler=_expect)
+    app.router.add_route("GET", "/", rpc, expect_handler=_expect)
+    app.router.add_get("/openapi.json", openapi, expect_handler=_expect)
+    app.router.add_get("/health", health, expect_handler=_expect)
     return app
+
 
 
 def nonce_journal(config: Config, *, window_us: int) -> NonceJournal:

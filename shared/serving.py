@@ -34,6 +34,7 @@ __all__ = [
     "BufferedFileHandler",
     "StopRequested",
     "configure_logging",
+    "expect_handler",
     "line_writer",
     "read_body",
     "run_in_foreground",
@@ -217,6 +218,24 @@ async def read_body(request: web.BaseRequest) -> bytes:
 
 # What read_body applies (a module value, so a test can shorten it).
 body_timeout_s = BODY_TIMEOUT_S
+
+
+ExpectHandler = Callable[[web.Request], Coroutine[object, object, web.StreamResponse | None]]
+
+
+def expect_handler(refuse: Callable[[], web.StreamResponse]) -> ExpectHandler:
+    """A route's ``expect_handler``: ``Expect: 100-continue`` as aiohttp does it, anything
+    else answered with ``refuse()``, the protocol's own error. aiohttp's default answered
+    with a text/plain 417, and that answer runs before any middleware could dress it."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.headers.get("Expect", "").strip().lower() == "100-continue":
+            if request.version >= (1, 1):
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return None
+        return refuse()
+
+    return expect
 
 
 # The event loops a server can run on: Python's own "asyncio" (the default) or "uvloop"

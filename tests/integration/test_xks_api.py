@@ -618,6 +618,13 @@ async def test_an_unknown_expectation_gets_an_xks_error(sim: Sim) -> None:
         "kmsRequestId": "r", "kmsOperation": "KmsHealthCheck"}},
         headers={"Expect": "100-continue"})
     assert status == 200, reply
+    # So is the load balancer's /ping.
+    async with sim.session.get(sim.url + "/ping", headers={"Expect": "200-ok"}) as resp:
+        assert resp.status == 400
+        assert resp.content_type == "application/json"
+        assert (await resp.json())["errorName"] == "ValidationException"
+    async with sim.session.get(sim.url + "/ping", headers={"Expect": "100-continue"}) as resp:
+        assert resp.status == 200
 
 
 async def test_a_refused_body_still_logs_its_request_metadata(

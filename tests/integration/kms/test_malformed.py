@@ -778,3 +778,16 @@ async def test_a_content_encoding_is_refused_not_decoded(kms: Kms, encoding: str
     assert content_type.startswith("application/json")
     assert b"Content-Encoding" in body
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/"), ("GET", "/"),
+                                              ("GET", "/health"), ("GET", "/openapi.json")])
+async def test_an_unknown_expectation_gets_the_api_envelope(kms: Kms, method: str,
+                                                            path: str) -> None:
+    """aiohttp answered an Expect other than 100-continue with a text/plain 417, before any
+    middleware; every route now answers with the envelope, naming the header."""
+    status, content_type, body = await kms.http(method, path, headers={"Expect": "200-ok"})
+    assert content_type.startswith("application/json"), body
+    assert_error(Reply(status, json.loads(body)), 400, "InvalidParameter", names="Expect")
+    status, _, _ = await kms.http("GET", "/health", headers={"Expect": "100-continue"})
+    assert status == 200
