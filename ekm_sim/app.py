@@ -45,7 +45,8 @@ from shared.serving import (
     BODY_TIMEOUT_S,
     CLIENT_CLOSED_REQUEST,
     BodyRefused,
-    expect_handler,
+    continue_if_expected,
+    expectation_refused,
     line_writer,
     read_body,
 )
@@ -123,6 +124,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     fields = request[LOG_FIELDS]
     allow = "POST"
     try:
+        if expectation_refused(request):
+            raise _expect_refused()
         return await handler(request)
     except XKSError as exc:
         error, status = exc, None
@@ -327,13 +330,16 @@ async def get_health_status(request: web.Request) -> web.Response:
     ).to_wire())
 
 
-# Every answer here is JSON, also to an Expect other than 100-continue.
-_expect: Final = expect_handler(lambda: render_error(XKSError(
-    ErrorName.VALIDATION, "only Expect: 100-continue is understood")))
+def _expect_refused() -> XKSError:
+    """Every answer here is JSON, also to an Expect other than 100-continue."""
+    return XKSError(ErrorName.VALIDATION, "only Expect: 100-continue is understood")
 
 
 async def ping(request: web.Request) -> web.Response:
-    """Load balancer health check (spec L718-721): no auth, no crypto."""
+    """Load balancer health check (spec L718-721): no auth, no crypto. Also served on the
+    plain-HTTP ``ping_port``, which has no middleware: the Expect check is repeated here."""
+    if expectation_refused(request):
+        return render_error(_expect_refused())
     return web.Response(text=f"pong from ekm-sim {__version__}")
 
 
@@ -347,7 +353,7 @@ def _store_app(store: StoreConfig, verifier: SigV4Verifier) -> web.Application:
                           ("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/encrypt", encrypt),
                           ("/keys/{key_id:[A-Za-z0-9._-]{1,128}}/decrypt", decrypt),
                           ("/health", get_health_status)):
-        app.router.add_post(path, handler, expect_handler=_expect)
+        app.router.add_post(path, handler, expect_handler=continue_if_expected)
     return app
 
 
@@ -378,7 +384,7 @@ def create_app(config: Config, *, pool: PKCS11Pool | None = None) -> web.Applica
             yield
 
     app.cleanup_ctx.append(keystore_ctx)
-    app.router.add_get("/ping", ping, expect_handler=_expect)
+    app.router.add_get("/ping", ping, expect_handler=continue_if_expected)
     verifiers: dict[str, SigV4Verifier] = {}
     for store in config.stores:
         verifiers[store.uri_prefix] = SigV4Verifier(service=SERVICE, region=store.region,

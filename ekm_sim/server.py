@@ -14,7 +14,7 @@ from aiohttp import web
 
 from ekm_sim.app import create_app, ping, reload_credentials, unparsable_answer
 from ekm_sim.config import Config, ConfigError, load
-from shared.serving import configure_logging, run_loop, serve_app
+from shared.serving import configure_logging, continue_if_expected, run_loop, serve_app
 from shared.tls import server_context
 
 __all__ = ["serve"]
@@ -44,7 +44,7 @@ async def _run(config: Config, config_path: Path, port: int, port_file: Path | N
     extra = []
     if config.server.ping_port is not None:
         ping_app = web.Application()
-        ping_app.router.add_get("/ping", ping)
+        ping_app.router.add_get("/ping", ping, expect_handler=continue_if_expected)
         extra.append((ping_app, config.server.ping_port))
 
     def reload(app: web.Application) -> None:

@@ -52,7 +52,8 @@ from shared.serving import (
     BODY_TIMEOUT_S,
     CLIENT_CLOSED_REQUEST,
     BodyRefused,
-    expect_handler,
+    continue_if_expected,
+    expectation_refused,
     read_body,
 )
 from shared.sigv4 import Credential
@@ -87,13 +88,6 @@ def _json(body: dict[str, Any], status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-# An Expect other than 100-continue gets the API's envelope (it is answered before any
-# middleware, so the request id is made here).
-_expect: Final = expect_handler(lambda: _json(error_body(ApiError(
-    "InvalidParameter", 400, 'The specified parameter "Expect" is not valid. Only '
-    "Expect: 100-continue is understood."), str(uuid.uuid4()).upper()), 400))
-
-
 def _from_http(exc: web.HTTPException) -> ApiError:
     if exc.status == 404:
         return ApiError("InvalidAction.NotFound", 404, "Specified api is not found.")
@@ -121,6 +115,9 @@ async def _envelope(request: web.Request, handler: Handler) -> web.StreamRespons
     RESOLVED_KEYS.set(())
     started = time.perf_counter()
     try:
+        if expectation_refused(request):
+            raise ApiError("InvalidParameter", 400, 'The specified parameter "Expect" is not '
+                           "valid. Only Expect: 100-continue is understood.")
         response = await handler(request)
     except ApiError as exc:
         response = _json(error_body(exc, request_id), exc.status)
@@ -411,10 +408,10 @@ def create_app(config: Config) -> web.Application:
                     await sweeper
 
     app.cleanup_ctx.append(resources)
-    app.router.add_route("POST", "/", rpc, expect_handler=_expect)
-    app.router.add_route("GET", "/", rpc, expect_handler=_expect)
-    app.router.add_get("/openapi.json", openapi, expect_handler=_expect)
-    app.router.add_get("/health", health, expect_handler=_expect)
+    app.router.add_route("POST", "/", rpc, expect_handler=continue_if_expected)
+    app.router.add_route("GET", "/", rpc, expect_handler=continue_if_expected)
+    app.router.add_get("/openapi.json", openapi, expect_handler=continue_if_expected)
+    app.router.add_get("/health", health, expect_handler=continue_if_expected)
     return app
 
 

@@ -34,7 +34,8 @@ __all__ = [
     "BufferedFileHandler",
     "StopRequested",
     "configure_logging",
-    "expect_handler",
+    "continue_if_expected",
+    "expectation_refused",
     "line_writer",
     "read_body",
     "run_in_foreground",
@@ -220,22 +221,24 @@ async def read_body(request: web.BaseRequest) -> bytes:
 body_timeout_s = BODY_TIMEOUT_S
 
 
-ExpectHandler = Callable[[web.Request], Coroutine[object, object, web.StreamResponse | None]]
+def expectation_refused(request: web.BaseRequest) -> bool:
+    """Whether the request expects anything but ``100-continue`` (every ``Expect`` field,
+    every comma-separated member: repeated fields are one list, RFC 9110 5.3)."""
+    return any(member.strip().lower() not in ("", "100-continue")
+               for field in request.headers.getall("Expect", ())
+               for member in field.split(","))
 
 
-def expect_handler(refuse: Callable[[], web.StreamResponse]) -> ExpectHandler:
-    """A route's ``expect_handler``: ``Expect: 100-continue`` as aiohttp does it, anything
-    else answered with ``refuse()``, the protocol's own error. aiohttp's default answered
-    with a text/plain 417, and that answer runs before any middleware could dress it."""
-
-    async def expect(request: web.Request) -> web.StreamResponse | None:
-        if request.headers.get("Expect", "").strip().lower() == "100-continue":
-            if request.version >= (1, 1):
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return None
-        return refuse()
-
-    return expect
+async def continue_if_expected(request: web.Request) -> None:
+    """A route's ``expect_handler``: ``100 Continue`` when that is all the client expects,
+    and otherwise nothing, so that the request reaches the app's middleware, which refuses
+    it (``expectation_refused``) in the protocol's own error and logs it. aiohttp's default
+    handler answered an unknown expectation itself, with a text/plain 417, before any
+    middleware, and so unlogged; it still does on paths no route matches."""
+    expects = request.headers.get("Expect")
+    if expects and request.version >= (1, 1) and not expectation_refused(request):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # As aiohttp's own: the answer is still unsent.
 
 
 # The event loops a server can run on: Python's own "asyncio" (the default) or "uvloop"

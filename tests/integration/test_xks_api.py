@@ -627,6 +627,17 @@ async def test_an_unknown_expectation_gets_an_xks_error(sim: Sim) -> None:
         assert resp.status == 200
 
 
+
+async def test_a_refused_expectation_is_logged_and_repeated_fields_count(
+        sim: Sim, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ekm_sim.requests")
+    status, reply = await sim.call("health", {"requestMetadata": metadata(
+        kmsRequestId="REQ-EXPECT-1")}, headers={"Expect": "100-continue, 200-ok"})
+    assert (status, reply["errorName"]) == (400, "ValidationException")
+    lines = [r.getMessage() for r in caplog.records if r.name == "ekm_sim.requests"]
+    assert any("ValidationException" in line for line in lines), lines
+
+
 async def test_a_refused_body_still_logs_its_request_metadata(
         sim: Sim, caplog: pytest.LogCaptureFixture) -> None:
     """Spec: log each call's request metadata (kmsRequestId above all) and its outcome; a

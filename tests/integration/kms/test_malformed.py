@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from shared import serving
 from shared.tls import client_context
@@ -791,3 +793,22 @@ async def test_an_unknown_expectation_gets_the_api_envelope(kms: Kms, method: st
     assert_error(Reply(status, json.loads(body)), 400, "InvalidParameter", names="Expect")
     status, _, _ = await kms.http("GET", "/health", headers={"Expect": "100-continue"})
     assert status == 200
+
+
+async def test_every_expectation_counts_and_a_refusal_is_logged(
+        kms: Kms, caplog: pytest.LogCaptureFixture) -> None:
+    """Repeated Expect fields are one list (RFC 9110): 100-continue first does not let
+    another expectation through. The refusal passes the middleware, so it is logged."""
+    caplog.set_level(logging.INFO, logger="kms_proxy.access")
+    for fields in ([("Expect", "100-continue"), ("Expect", "200-ok")],
+                   [("Expect", "200-ok"), ("Expect", "100-continue")],
+                   [("Expect", "100-continue, 200-ok")]):
+        async with kms.session.get(kms.url + "/health", headers=CIMultiDict(fields)) as resp:
+            assert resp.status == 400, fields
+            body = await resp.json()
+        assert body["Code"] == "InvalidParameter"
+        assert any(body["RequestId"] in r.getMessage() for r in caplog.records
+                   if r.name == "kms_proxy.access"), fields
+    for fine in ("100-Continue", " 100-continue ", "100-continue, 100-continue"):
+        status, _, _ = await kms.http("GET", "/health", headers={"Expect": fine})
+        assert status == 200, fine
