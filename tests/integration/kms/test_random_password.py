@@ -54,6 +54,8 @@ async def test_classes_and_excluded_characters(kms: Kms, client: Client) -> None
     ({"RequireEachIncludedType": "1"}, "RequireEachIncludedType"),
     ({"ExcludeLowercase": "true", "ExcludeUppercase": "true", "ExcludeNumbers": "true",
       "ExcludeCharacters": string.punctuation}, "ExcludeCharacters"),
+    ({"ExcludeLowercase": "true", "ExcludeUppercase": "true", "ExcludeNumbers": "true",
+      "ExcludePunctuation": "true"}, "Exclude*"),
 ])
 async def test_bad_parameters_are_named(kms: Kms, client: Client, params: dict[str, str],
                                         named: str) -> None:
