@@ -20,7 +20,9 @@ and its p99 at a fixed rate a lower bound of theirs. It answers whether a target
 reach on this box whatever the code (BENCHMARKS.md, run I).
 
 In each repetition (``--runs``, medians reported), after waiting for an idle machine:
-``health`` (``GET /health`` on ``edge``: the same ceiling as ``kms_encrypt.py``'s), ``relay``
+``health`` (``GET /health`` on ``edge``: a bare aiohttp answer, cheaper than the front's
+``/health``, which runs the front's middleware, so ratios to the two ceilings do not
+compare across the two scripts), ``relay``
 (closed loop) and ``relay@N`` for every ``--rate`` N (open loop, latency from each request's
 scheduled time). CPU per answered request is reported for the generator, ``edge`` and ``ekm``.
 
@@ -67,15 +69,14 @@ XKS_REQUEST: Final = json.dumps({
 }).encode()
 XKS_ANSWER: Final = json.dumps({
     "authenticationTag": "C" * 24, "ciphertext": "D" * 88,
-    "ciphertextDataIntegrityValue": "E" * 44, "ciphertextMetadata": "F" * 20,
+    "ciphertextDataIntegrityValue": "E" * 44, "ciphertextMetadata": "F" * 8,
     "initializationVector": "G" * 16}).encode()
 XKS_HEADERS: Final = {
     "Content-Type": "application/json",
     "X-Amz-Date": "20261201T120000Z",
-    "X-Amz-Content-Sha256": "0" * 64,
     "Authorization": ("AWS4-HMAC-SHA256 Credential=AKIA4GBY3I6JCE5M2HPM/20261201/us-east-1/"
                       "kms-xks-proxy/aws4_request, SignedHeaders=content-type;host;"
-                      "x-amz-content-sha256;x-amz-date, Signature=" + "0" * 64),
+                      "x-amz-date, Signature=" + "0" * 64),
 }
 
 
@@ -138,9 +139,11 @@ def _serve(args: argparse.Namespace) -> None:
             app.router.add_post("/relay", relay)
             app.on_cleanup.append(close_session)
             ssl_context = server_context(cert=certs / "server.pem", key=certs / "server.key")
-        await serve_app(app, name=f"relay-floor {args.serve}", host=HOST, port=0,
+        # With several processes per role, the first takes a free port and the others
+        # join it (SO_REUSEPORT: the kernel spreads connections over them).
+        await serve_app(app, name=f"relay-floor {args.serve}", host=HOST, port=args.port,
                         ssl_context=ssl_context, unparsable=unparsable,
-                        port_file=Path(args.port_file))
+                        port_file=Path(args.port_file), reuse_port=True)
 
     run_loop(main(), event_loop=args.server_loop)
 
@@ -162,48 +165,58 @@ def _make_certs(directory: Path) -> None:
 
 
 class Servers(contextlib.AbstractContextManager["Servers"]):
-    """The ``ekm`` and ``edge`` processes in a fresh temporary directory."""
+    """The ``ekm`` and ``edge`` processes (each role on one port) in a fresh temporary
+    directory."""
 
-    def __init__(self, server_loop: str) -> None:
+    def __init__(self, server_loop: str, *, edge_procs: int = 1, ekm_procs: int = 1) -> None:
         self.server_loop = server_loop
+        self.counts = {"ekm": ekm_procs, "edge": edge_procs}
         self.workdir = Path(tempfile.mkdtemp(prefix="relay-floor-"))
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.processes: dict[str, list[subprocess.Popen[bytes]]] = {"ekm": [], "edge": []}
         self.ports: dict[str, int] = {}
 
-    def _start(self, role: str, *extra: str) -> None:
-        port_file = self.workdir / f"{role}.port"
-        log = (self.workdir / f"{role}.log").open("wb")
-        with log:
-            self.processes[role] = subprocess.Popen(
+    def _start(self, role: str, index: int, *extra: str) -> None:
+        port_file = self.workdir / f"{role}{index}.port"
+        log_path = self.workdir / f"{role}{index}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
                 [sys.executable, __file__, "--serve", role, "--certs", str(self.workdir),
-                 "--port-file", str(port_file), "--server-loop", self.server_loop, *extra],
+                 "--port-file", str(port_file), "--server-loop", self.server_loop,
+                 "--port", str(self.ports.get(role, 0)), *extra],
                 stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(
                     p for p in (str(Path(__file__).resolve().parents[1]),
                                 os.environ.get("PYTHONPATH", "")) if p)})
+        self.processes[role].append(process)
         deadline = time.monotonic() + 30
         while not port_file.exists():
-            if self.processes[role].poll() is not None or time.monotonic() > deadline:
+            if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"relay-floor {role} did not start: "
-                                   f"{loadgen.log_tail(self.workdir / f'{role}.log', 20)}")
+                                   f"{loadgen.log_tail(log_path, 20)}")
             time.sleep(0.05)
         self.ports[role] = int(port_file.read_text())
 
     def __enter__(self) -> Servers:
         try:
             _make_certs(self.workdir)
-            self._start("ekm")
-            self._start("edge", "--upstream-port", str(self.ports["ekm"]))
+            for i in range(self.counts["ekm"]):
+                self._start("ekm", i)
+            for i in range(self.counts["edge"]):
+                self._start("edge", i, "--upstream-port", str(self.ports["ekm"]))
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
+    def pids(self, role: str) -> list[int]:
+        return [p.pid for p in self.processes[role]]
+
     def __exit__(self, *exc: object) -> None:
-        for process in self.processes.values():
+        every = [p for processes in self.processes.values() for p in processes]
+        for process in every:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
+        for process in every:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -212,7 +225,8 @@ class Servers(contextlib.AbstractContextManager["Servers"]):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def alive(self) -> bool:
-        return all(p.poll() is None for p in self.processes.values())
+        return all(p.poll() is None for processes in self.processes.values()
+                   for p in processes)
 
     def target(self) -> loadgen.Target:
         return loadgen.Target(port=self.ports["edge"], ca=str(self.workdir / "ca.pem"))
@@ -250,8 +264,7 @@ class RunResult(loadgen.Figures):
 def run_load(servers: Servers, request: bytes, rate: float,
              opts: loadgen.LoadOptions) -> RunResult:
     run = loadgen.run_load(servers.target(), loadgen.Workload(request=request, rate=rate), opts,
-                           watch={"edge": [servers.processes["edge"].pid],
-                                  "ekm": [servers.processes["ekm"].pid]})
+                           watch={"edge": servers.pids("edge"), "ekm": servers.pids("ekm")})
     if not servers.alive():
         raise RuntimeError("a relay-floor server died during the run")
     run.warn_errors()
@@ -276,6 +289,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--certs", help=argparse.SUPPRESS)
     p.add_argument("--port-file", help=argparse.SUPPRESS)
     p.add_argument("--upstream-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--edge-procs", type=int, default=1,
+                   help="relay front processes on one port (SO_REUSEPORT); default 1")
+    p.add_argument("--ekm-procs", type=int, default=1,
+                   help="relay EKM processes on one port (SO_REUSEPORT); default 1")
     p.add_argument("--server-loop", choices=("asyncio", "uvloop"), default="asyncio",
                    help="the two servers' event loop (both project servers can run either: "
                         "server.event_loop); default %(default)s, the projects' default")
@@ -304,9 +322,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     loadgen.exit_on_sigterm()
     opts = loadgen.LoadOptions.from_args(args)
     print(f"relay_floor: {os.cpu_count()} CPUs, servers on {args.server_loop}, "
+          f"{args.edge_procs} edge and {args.ekm_procs} ekm processes, "
           f"{loadgen.describe_load(args)}", flush=True)
     rows: dict[str, list[RunResult]] = {}
-    with Servers(args.server_loop) as servers:
+    if not (1 <= args.edge_procs <= 8 and 1 <= args.ekm_procs <= 8):
+        p.error("--edge-procs and --ekm-procs must be 1 to 8")
+    with Servers(args.server_loop, edge_procs=args.edge_procs,
+                 ekm_procs=args.ekm_procs) as servers:
         health = loadgen.get_request("/health", f"{HOST}:{servers.ports['edge']}")
         relay = servers.relay_request()
         with contextlib.closing(loadgen.Session(servers.target(), timeout=5)) as check:
