@@ -225,7 +225,10 @@ def _audit_key(body: dict[str, Any], params: dict[str, str]) -> tuple[str | None
     resolved = RESOLVED_KEY.get()
     if resolved is not None:
         return resolved.key_id, True
-    named = params.get("KeyId") or params.get("DestinationKeyId")
+    # A one-key batch (TagResources) refused before its key was found; a longer one is
+    # listed in the details instead (RESOLVED_KEYS), naming no key.
+    one_resource = params.get("ResourceId.1") if "ResourceId.2" not in params else None
+    named = params.get("KeyId") or params.get("DestinationKeyId") or one_resource
     arn = params.get("ProtectedResourceArn", "")
     if not named and ":key/" in arn:
         named = arn.rsplit(":key/", 1)[1]
@@ -413,7 +416,6 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/openapi.json", openapi, expect_handler=continue_if_expected)
     app.router.add_get("/health", health, expect_handler=continue_if_expected)
     return app
-
 
 
 def nonce_journal(config: Config, *, window_us: int) -> NonceJournal:

@@ -352,7 +352,8 @@ def _batch_keys(c: Call, *, required: bool) -> list[str]:
                                    "be tagged here")
     if resource_type != "key":
         raise InvalidParameter("ResourceType", "must be key or secret")
-    refs = c.params.repeated("ResourceId", max_items=_BATCH_KEYS, max_len=256)
+    # As long as a KeyId may be: an alias ARN of a 255-character alias is about 300.
+    refs = c.params.repeated("ResourceId", max_items=_BATCH_KEYS, max_len=512)
     if required and not refs:
         raise MissingParameter("ResourceId.1")
     return refs

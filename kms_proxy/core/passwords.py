@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import secrets
 import string
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Final
 
 from kms_proxy.core.errors import InvalidParameter
@@ -29,12 +31,12 @@ _SYSTEM_RANDOM: Final = secrets.SystemRandom()
 _UNIFORM_DRAWS: Final = 64
 
 # Name of the parameter that leaves the class out -> the class's characters.
-CLASSES: Final = {
+CLASSES: Final[Mapping[str, str]] = MappingProxyType({
     "ExcludeLowercase": string.ascii_lowercase,
     "ExcludeUppercase": string.ascii_uppercase,
     "ExcludeNumbers": string.digits,
     "ExcludePunctuation": string.punctuation,
-}
+})
 
 
 def random_password(length: int, *, excluded_classes: frozenset[str] = frozenset(),

@@ -646,8 +646,14 @@ class KeyService:
     async def list_aliases(self, principal: Principal, *, page_number: int, page_size: int,
                            key_ref: str | None = None) -> Page[Alias]:
         key_id = (await self.resolve(principal, key_ref)).key_id if key_ref else None
-        aliases = await self._store.list_aliases(principal.account_id, self.region, key_id)
-        return page(list(aliases), page_number, page_size)
+        aliases = list(await self._store.list_aliases(principal.account_id, self.region,
+                                                      key_id))
+        if principal.kind is PrincipalKind.SERVICE:
+            # As in ListKeys: not another cloud product's service key (nor its alias).
+            aliases = [a for a in aliases
+                       if (key := await self._key(a.key_id)) is None
+                       or _service_key_owner_ok(principal, key)]
+        return page(aliases, page_number, page_size)
 
     # -- tags ------------------------------------------------------------------------
 
@@ -660,8 +666,8 @@ class KeyService:
                             param: str = "Tag") -> None:
         """The same tags on every key named, all or none: a key that cannot be tagged, or
         that would have more than ``MAX_TAGS``, fails the whole call and changes nothing."""
+        _check_tags(tags, param)
         async with self._holding_each(principal, key_refs, op) as keys:
-            _check_tags(tags, param)
             over = await self._store.set_tags_many(keys, tags, limit=MAX_TAGS)
         if over is not None:
             raise InvalidParameter(param, f"a key has at most {MAX_TAGS} tags ({over} would "
@@ -733,7 +739,7 @@ class KeyService:
         """``_each``, with every key held against other changes until the block ends and
         checked again once held: a key cannot become PendingDeletion between its check
         and the block's write. Held in key-id order, so two batches never wait on each
-        other."""
+        other in a cycle (every other holder takes one key lock at a time)."""
         key_ids = await self._each(principal, key_refs, op)
         async with contextlib.AsyncExitStack() as held:
             for key_id in sorted(key_ids):

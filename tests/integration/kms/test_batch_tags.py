@@ -165,7 +165,7 @@ async def test_bad_batch_parameters_change_nothing(kms: Kms, client: Client) -> 
          "ResourceId.1.Key"),
         ("TagResources", {f"ResourceId.{i}": key for i in range(1, 52)}, 400,
          "InvalidParameter", "ResourceId.51"),
-        ("TagResources", {"ResourceId.1": "x" * 257}, 400, "InvalidParameter",
+        ("TagResources", {"ResourceId.1": "x" * 513}, 400, "InvalidParameter",
          "ResourceId.1"),
         ("TagResources", {"Tag.1.Key": None, "Tag.1.Value": None}, 400, "MissingParameter",
          "Tag.1.Key"),
@@ -196,6 +196,18 @@ async def test_bad_batch_parameters_change_nothing(kms: Kms, client: Client) -> 
         assert tag_rows(kms) == before, (action, change)
 
 
+async def test_a_long_alias_names_a_resource_as_it_names_a_key(kms: Kms,
+                                                                client: Client) -> None:
+    key = await new_key(kms, client)
+    alias = "alias/" + "a" * 255
+    await kms.sdk(client, "create_alias", models.CreateAliasRequest(alias_name=alias,
+                                                                    key_id=key))
+    await kms.sdk(client, "tag_resources", models.TagResourcesRequest(
+        region_id=REGION, resource_type="key",
+        resource_id=[alias, f"acs:kms:{REGION}:{ACCOUNT_A}:{alias}"], tag=[tag("k", "v")]))
+    assert tag_rows(kms) == {(key, "k", "v")}
+
+
 async def test_a_batch_is_audited_with_every_key(start_kms: StartKms) -> None:
     kms = await start_kms()
     client = kms.client()
@@ -209,9 +221,12 @@ async def test_a_batch_is_audited_with_every_key(start_kms: StartKms) -> None:
         key_id=two, pending_window_in_days=7))
     await kms.sdk_error(client, "tag_resources", models.TagResourcesRequest(
         region_id=REGION, resource_type="key", resource_id=[one, two], tag=[tag("a", "b")]))
+    await kms.sdk_error(client, "tag_resources", models.TagResourcesRequest(
+        region_id=REGION, resource_type="key", resource_id=["key-nowhere"],
+        tag=[tag("a", "b")]))
     await kms.stop()  # flushes the audit log
     events = [json.loads(line) for line in kms.config.audit_log.read_text().splitlines()]
-    tagged, refused, pending = [e for e in events if e["action"] == "TagResources"]
+    tagged, refused, pending, alone = [e for e in events if e["action"] == "TagResources"]
     assert tagged["outcome"] == "Success"
     assert tagged["details"]["ResourceIds"] == f"{one},{two}"
     assert tagged["key_id"] is None
@@ -223,3 +238,6 @@ async def test_a_batch_is_audited_with_every_key(start_kms: StartKms) -> None:
     # Refused for a key found: that key is named.
     assert pending["error_code"] == "Rejected.PendingDeletion"
     assert pending["key_id"] == two
+    # A one-key batch refused before its key was found names it as sent, as a single
+    # action's refusal does.
+    assert (alone["error_code"], alone["key_id"]) == ("Forbidden.KeyNotFound", "key-nowhere")

@@ -22,10 +22,10 @@ async def password(kms: Kms, client: Client, **kwargs: str) -> str:
 
 
 async def test_default_and_bounds(kms: Kms, client: Client) -> None:
-    drawn = [await password(kms, client) for _ in range(40)]
+    drawn = [await password(kms, client) for _ in range(64)]
     assert all(len(p) == 32 and set(p) <= EVERY for p in drawn)
     assert len(set(drawn)) == len(drawn)
-    # 1,280 characters from 94: every one of them turns up (a miss is about 1e-4 likely).
+    # 2,048 characters from 94: every one of them turns up (a miss is about 3e-8 likely).
     assert set("".join(drawn)) == EVERY
     assert len(await password(kms, client, password_length="8")) == 8
     assert len(await password(kms, client, password_length="128")) == 128

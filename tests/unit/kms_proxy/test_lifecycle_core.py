@@ -1386,8 +1386,10 @@ async def test_a_tag_batch_does_not_tag_a_key_scheduled_for_deletion_meanwhile(
     await held.wait()
     batch = asyncio.create_task(service.tag_resources(USER, [second.key_id, first.key_id],
                                                       {"late": "yes"}))
-    await asyncio.sleep(0.2)  # The batch has checked both keys and waits for the first.
-    assert not batch.done()
+    # Until the batch has checked both keys and waits for the first one's lock.
+    while service.key_locks._entries[first.key_id].users < 2:
+        assert not batch.done()
+        await asyncio.sleep(0)
     release.set()
     await scheduler
     with pytest.raises(KeyStateInvalid):

@@ -7,6 +7,7 @@ import string
 
 import pytest
 
+from kms_proxy.core import passwords
 from kms_proxy.core.errors import InvalidParameter
 from kms_proxy.core.passwords import random_password
 
@@ -20,9 +21,12 @@ def test_each_included_type_keeps_the_distribution_uniform() -> None:
     assert 0.100 < share < 0.118, share
 
 
-def test_narrow_classes_are_still_present_and_bounded() -> None:
-    # Three classes cut to one character each: drawing until a password fits would take
-    # about 2,000 draws here; the bounded construction answers at once.
+@pytest.mark.parametrize("uniform_draws", [passwords._UNIFORM_DRAWS, 0])
+def test_narrow_classes_are_still_present(monkeypatch: pytest.MonkeyPatch,
+                                          uniform_draws: int) -> None:
+    """Three classes cut to one character each: about one draw in 94 holds all three, so
+    some calls end in the bounded construction; with no uniform draws every call does."""
+    monkeypatch.setattr(passwords, "_UNIFORM_DRAWS", uniform_draws)
     exclude = string.digits[1:] + string.ascii_uppercase[1:] + string.punctuation[1:]
     for _ in range(200):
         password = random_password(8, exclude=exclude, require_each=True)

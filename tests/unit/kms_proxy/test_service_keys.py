@@ -145,7 +145,7 @@ async def test_default_keys_share_their_accounts_quota(tmp_path: Path) -> None:
 
 async def test_listings_leave_out_another_products_service_key(service: KeyService) -> None:
     """A product may not read another's service key by name (DescribeKey,
-    ListResourceTags), so account-wide listings leave it out too."""
+    ListResourceTags), so account-wide listings (keys, tags, aliases) leave it out too."""
     oss_key = (await service.encrypt(OSS, "alias/acs/oss", b"x", None)).key_id
     rds_key = (await service.encrypt(RDS, "alias/acs/rds", b"x", None)).key_id
     await service.tag_resources(USER, [oss_key, rds_key], {"owner": "private"})
@@ -156,6 +156,10 @@ async def test_listings_leave_out_another_products_service_key(service: KeyServi
     keys = await service.list_keys(RDS, filters=[], page_number=1, page_size=100)
     assert oss_key not in {k.key_id for k in keys.items}
     assert rds_key in {k.key_id for k in keys.items}
+    aliases = await service.list_aliases(RDS, page_number=1, page_size=100)
+    assert {a.name for a in aliases.items} == {"alias/acs/rds"}
+    aliases = await service.list_aliases(USER, page_number=1, page_size=100)
+    assert {a.name for a in aliases.items} == {"alias/acs/oss", "alias/acs/rds"}
     # The account's users see both.
     rows, _ = await service.list_tag_resources(USER, [], {}, after=None, limit=200)
     assert {key_id for key_id, _, _ in rows} == {oss_key, rds_key}
