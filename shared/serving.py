@@ -221,12 +221,16 @@ async def read_body(request: web.BaseRequest) -> bytes:
 body_timeout_s = BODY_TIMEOUT_S
 
 
+def _expectations(request: web.BaseRequest) -> list[str]:
+    """Every member of every ``Expect`` field, lower case (repeated fields are one list,
+    RFC 9110 5.3)."""
+    return [member.strip().lower() for field in request.headers.getall("Expect", ())
+            for member in field.split(",") if member.strip()]
+
+
 def expectation_refused(request: web.BaseRequest) -> bool:
-    """Whether the request expects anything but ``100-continue`` (every ``Expect`` field,
-    every comma-separated member: repeated fields are one list, RFC 9110 5.3)."""
-    return any(member.strip().lower() not in ("", "100-continue")
-               for field in request.headers.getall("Expect", ())
-               for member in field.split(","))
+    """Whether the request expects anything but ``100-continue``."""
+    return any(member != "100-continue" for member in _expectations(request))
 
 
 async def continue_if_expected(request: web.Request) -> None:
@@ -235,8 +239,8 @@ async def continue_if_expected(request: web.Request) -> None:
     it (``expectation_refused``) in the protocol's own error and logs it. aiohttp's default
     handler answered an unknown expectation itself, with a text/plain 417, before any
     middleware, and so unlogged; it still does on paths no route matches."""
-    expects = request.headers.get("Expect")
-    if expects and request.version >= (1, 1) and not expectation_refused(request):
+    expected = _expectations(request)
+    if expected and request.version >= (1, 1) and not expectation_refused(request):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # As aiohttp's own: the answer is still unsent.
 
