@@ -313,8 +313,11 @@ async def rpc(request: web.Request) -> web.Response:
                                "this front does not implement (README, Supported actions).")
             raise ApiError("InvalidAction.NotFound", 404, f"Specified api {action!r} is not "
                            "found.")
-        require_principal(Op(action), principal.kind, principal.arn)
-        result = await spec.handler(Call(request.app[SERVICE], principal, Params(params)))
+        op = Op(action)
+        require_principal(op, principal.kind, principal.arn)
+        service = request.app[SERVICE]
+        service.gateway.admit(principal.account_id, op)
+        result = await spec.handler(Call(service, principal, Params(params)))
         outcome, error_code = Outcome.SUCCESS, None
     except KmsError as exc:
         error = from_core(exc)
@@ -383,7 +386,8 @@ def create_app(config: Config) -> web.Application:
                                              if a.rotation_addon),
                     imported_default_keys=frozenset(
                         a.id for a in config.accounts
-                        if a.default_key_material == "import")))
+                        if a.default_key_material == "import"),
+                    gateway_quotas=config.gateway_quotas))
             for instance_config in config.instances:
                 if instance_config.xki is not None:
                     backend, probe = await _external_backend(stack, instance_config.xki)

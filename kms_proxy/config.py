@@ -139,6 +139,8 @@ class Config:
     trusted_issuers: tuple[IssuerConfig, ...] = ()
     # How often the lifecycle sweep runs (deletion windows, material expiry, rotation).
     lifecycle_interval_s: float = 60.0
+    # Alibaba's shared-gateway QPS limits per account (reference section 10): off by default.
+    gateway_quotas: bool = False
 
 
 def _secret_bytes(r: TableReader, value_key: str, file_key: str, *, required: bool
@@ -303,7 +305,8 @@ def parse(data: dict[str, object], base: Path) -> Config:
         max_clock_skew=root.get("max_clock_skew", int, 900),
         hsm=_hsm(root.table("hsm")),
         trusted_issuers=_issuers(root),
-        lifecycle_interval_s=_positive(root, "lifecycle_interval_s", 60.0))
+        lifecycle_interval_s=_positive(root, "lifecycle_interval_s", 60.0),
+        gateway_quotas=root.get("gateway_quotas", bool, False))
 
 
 def _positive(r: TableReader, key: str, default: float) -> float:

@@ -65,6 +65,7 @@ from kms_proxy.core.model import (
     ProtectionLevel,
 )
 from kms_proxy.core.paging import Page, page
+from kms_proxy.core.quotas import GatewayQuotas
 from kms_proxy.core.states import require_state
 from kms_proxy.store.base import Store, StoreConflict
 from shared.ratelimit import TokenBucket
@@ -99,6 +100,8 @@ class ServiceConfig:
     # The seed's quota for default keys (the default master key and service keys
     # together), per account: 1000 ops/s, not upgradable.
     default_keys_qps: int = 1000
+    # The shared gateway's per-account QPS limits (core.quotas); off by default.
+    gateway_quotas: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +179,7 @@ class KeyService:
         self._versions: dict[str, KeyVersion] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._default_key_buckets: dict[str, TokenBucket] = {}
+        self.gateway = GatewayQuotas(enabled=config.gateway_quotas)
         self._quota_locks: dict[str, asyncio.Lock] = {}
         # Backends bound to one instance (each external instance has its own EKM
         # connection); they take precedence over the per-kind backends.

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from kms_proxy.app import SERVICE
+from kms_proxy.core.quotas import GatewayQuotas
 from tests.integration.kms.conftest import (
     ACCOUNT_A,
     ACCOUNT_B,
@@ -24,6 +26,7 @@ from tests.integration.kms.conftest import (
     INSTANCE_B,
     REGION,
     Kms,
+    StartKms,
     assert_error,
 )
 
@@ -745,3 +748,19 @@ async def test_cross_account_isolation(kms: Kms, client: Client, sig: str) -> No
     described = await kms.sdk(client, "describe_key", models.DescribeKeyRequest(
         key_id=meta.key_id))
     assert described.key_metadata.key_state == "Enabled"
+
+
+async def test_gateway_quotas_answer_429_and_change_nothing(start_kms: StartKms) -> None:
+    kms = await start_kms(gateway_quotas=True)
+    service = kms.app[SERVICE]
+    # The real quota class, on a clock that stands still: no call earns a token back.
+    service.gateway = GatewayQuotas(enabled=True, clock=lambda: 0.0)
+    client = kms.client()
+    for _ in range(10):
+        await create_key(kms, client)
+    reply = await kms.sdk_error(client, "create_key", models.CreateKeyRequest())
+    assert_error(reply, 429, "Rejected.Throttling")
+    assert kms.counts()["keys"] == 10
+    # Another account has its own quota; the same account's reads have theirs.
+    await create_key(kms, kms.client("b1"))
+    await kms.sdk(client, "list_keys", models.ListKeysRequest())
