@@ -96,3 +96,10 @@ def test_two_access_keys_cannot_share_a_secret(tmp_path: Path) -> None:
     data["accounts"][0]["access_keys"].append({"id": "LTAIexample0002", "secret": "s" * 24})
     with pytest.raises(ConfigError, match="same secret"):
         parse(data, tmp_path)
+
+
+def test_gateway_quotas_are_a_setting(tmp_path: Path) -> None:
+    assert parse(_data(), tmp_path).gateway_quotas is False
+    assert parse({**_data(), "gateway_quotas": True}, tmp_path).gateway_quotas is True
+    with pytest.raises(ConfigError, match="gateway_quotas"):
+        parse({**_data(), "gateway_quotas": "yes"}, tmp_path)
