@@ -3,9 +3,9 @@
 Alibaba's OpenAPI gateway caps each account's calls per operation group; past a cap it
 answers 429 ``Rejected.Throttling``. Crypto on an instance's keys is capped by the
 instance's own QPS instead, and default and service keys by the account's 1,000 ops/s
-(both ``KeyService._throttle``), so crypto is not in this table. Actions the reference
-gives no limit for (GetRandomPassword, this project's BackupKey and RestoreKeyBackup are
-counted as writes) are not capped.
+(both ``KeyService._throttle``), so crypto is not in this table. GetRandomPassword, for
+which the reference gives no limit, is not capped; this project's BackupKey and
+RestoreKeyBackup count as key management writes.
 
 Off unless configured (``gateway_quotas = true``): the limits are low (10 CreateKey a
 second) and a test suite that makes keys in a loop would meet them, as it would on Alibaba.
